@@ -1,0 +1,65 @@
+"""Backend selection shared by every op family.
+
+Backends: ``triton`` (CUDA GPUs; CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda`` (the
+C++/CUDA extension), ``cpu`` (the C++ extension, OpenMP + SIMD) and ``torch`` (the reference).
+An explicit ``backend=`` argument or ``FASTTRAIN_BACKEND`` forces one; forcing one that cannot
+run is an error that says why. The automatic choice is logged once at INFO.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+logger = logging.getLogger("fasttrain")
+_logged: set = set()
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None if Triton kernels can run on tensors of ``device``, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpret_mode():
+            return None
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
+    return f"Triton kernels do not support device type {device.type!r}"
+
+
+def ext_unavailable_reason(device: torch.device) -> str | None:
+    """None if the C++ extension can run on ``device`` (cpu or cuda backend), else why not."""
+    from fasttrain import _ext
+
+    if device.type == "cuda" and not torch.version.cuda:
+        return "this torch build has no CUDA"
+    if device.type not in ("cpu", "cuda"):
+        return f"no C++ kernels for device type {device.type!r}"
+    module, error = _ext.load()
+    if module is None:
+        return f"the C++ extension could not be built: {error}"
+    if device.type == "cuda" and not _ext.has_cuda():
+        return "the C++ extension was built without CUDA kernels"
+    return None
+
+
+def requested(backend: str | None) -> str | None:
+    backend = backend or os.environ.get("FASTTRAIN_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def log_once(family: str, backend: str, why: str) -> None:
+    key = (family, backend, why)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("fasttrain.%s: using the %s backend (%s)", family, backend, why)

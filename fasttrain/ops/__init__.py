@@ -1,0 +1,1 @@
+"""Functional ops with autograd and torch.library registration."""

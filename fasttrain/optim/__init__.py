@@ -1,0 +1,3 @@
+from fasttrain.optim.adamw import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]

@@ -1,0 +1,474 @@
+"""Drop-in AdamW and Adam whose step is a few fused launches, whatever the number of tensors.
+
+Same constructor, param groups and state_dict layout (``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``) as ``torch.optim.AdamW``, so state_dicts go both ways. Keyword-only extras,
+all off by default:
+
+- ``max_grad_norm``: global gradient-norm clipping fused into the step (norm computed on the
+  device over every group, no host sync; reduced across ranks for sharded DTensor params). The
+  unscaled, unclipped norm of the last step is kept in ``optimizer.last_grad_norm``.
+- ``master_weights=True``: low-precision params get an fp32 copy in the state
+  (``master_param``) that the update runs on.
+- ``stochastic_rounding=True``: bf16 params without a master copy are rounded stochastically.
+- ``state_dtype``: dtype of ``exp_avg``/``exp_avg_sq`` (default: like torch, the param's dtype,
+  or fp32 with master weights). ``torch.bfloat16`` halves the state memory.
+- ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (automatic; see
+  fasttrain/_backend.py). ``FASTTRAIN_BACKEND`` sets it globally.
+
+Works with ``torch.amp.GradScaler`` through the fused-optimizer protocol (the scaler sets
+``grad_scale``/``found_inf``; inf/NaN gradients skip the step without a host sync).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from fasttrain import _backend
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def _local(t):
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+class AdamW(Optimizer):
+    """AdamW (decoupled weight decay). Arguments as ``torch.optim.AdamW``, plus the extras above."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, max_grad_norm=None, master_weights=False,
+                 stochastic_rounding=False, state_dtype=None, backend=None, seed=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor):
+                if beta.numel() != 1:
+                    raise ValueError("Tensor betas[{i}] must be 1-element")
+                beta = float(beta)
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise ValueError("fasttrain AdamW does not support differentiable=True; "
+                             "use torch.optim.AdamW for differentiable optimization")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, "
+                             f"got {state_dtype}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=False, fused=fused,
+                        decoupled_weight_decay=self._decoupled)
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.state_dtype = state_dtype
+        self.backend = _backend.requested(backend)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.seed = seed
+        self.last_grad_norm = None
+        # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
+        self._step_supports_amp_scaling = True
+        self._tables = {}
+        if self.backend is not None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    reason = _unavailable_reason(self.backend, p.device)
+                    if reason is not None:
+                        raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} cannot run "
+                                           f"for a parameter on {p.device}: {reason}")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", self._decoupled)
+            for key in ("foreach", "fused"):
+                group.setdefault(key, None)
+            for key in ("amsgrad", "maximize", "capturable", "differentiable"):
+                group.setdefault(key, False)
+
+    def load_state_dict(self, state_dict):
+        # torch casts every floating state to the param's dtype on load; restore fp32 master
+        # copies and the configured state dtype from the source tensors.
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key in _STATE_KEYS:
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
+        self._tables.clear()
+
+    def _dtype_of(self, p, key):
+        if key == "master_param" or self._has_master(p):
+            return torch.float32 if key == "master_param" else (self.state_dtype or torch.float32)
+        return self.state_dtype or p.dtype
+
+    def _has_master(self, p):
+        return self.master_weights and p.dtype != torch.float32
+
+    def _init_state(self, p, amsgrad):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                state[key] = torch.zeros_like(p, dtype=self._dtype_of(p, key),
+                                              memory_format=torch.preserve_format)
+            if self._has_master(p):
+                state["master_param"] = p.detach().float().clone()
+        else:
+            # State loaded from torch.optim.AdamW (step on CPU) or from an older run.
+            step = state["step"]
+            if not isinstance(step, torch.Tensor):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            if state["step"].device != _step_device(p) or state["step"].dtype != torch.float32:
+                state["step"] = state["step"].to(_step_device(p), torch.float32)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+            if self._has_master(p) and "master_param" not in state:
+                state["master_param"] = p.detach().float().clone()
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        buckets = self._buckets()
+        if not buckets:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        inv_scales = {}
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            inv_scales = {b.device: inv.to(b.device, non_blocking=True) for b in buckets}
+        found_infs = {}
+        if found_inf is not None:
+            found_infs = {b.device: found_inf.to(b.device, torch.float32, non_blocking=True)
+                          for b in buckets}
+        clip_coefs = self._clip_coefs(buckets, inv_scales) if self.max_grad_norm else {}
+
+        for b in buckets:
+            group = b.group
+            beta1, beta2 = (float(x) for x in group["betas"])
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and (b.device.type == "cpu" or lr.device != b.device
+                                                 or b.backend in ("cpu", "torch")):
+                lr = float(lr)  # a CPU scalar read (no device sync) or the reference path
+            _STEP_FNS[b.backend](
+                self, b, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=group.get("decoupled_weight_decay", self._decoupled),
+                amsgrad=group["amsgrad"], maximize=group["maximize"],
+                stochastic=self.stochastic_rounding and not b.has_master
+                and b.param_dtype == torch.bfloat16,
+                seed=self.seed, inv_scale=inv_scales.get(b.device),
+                found_inf=found_infs.get(b.device), clip_coef=clip_coefs.get(b.device))
+        return loss
+
+    def _buckets(self):
+        """Params with grads, grouped by (param group, device, dtypes, backend)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            by_key = defaultdict(list)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("fasttrain AdamW does not support sparse gradients")
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"fasttrain AdamW supports params of dtype {_FLOAT_DTYPES}, "
+                                    f"got {p.dtype}")
+                state = self._init_state(p, group["amsgrad"])
+                lp, lg = _local(p), _local(g)
+                flat_ok = lp.is_contiguous() and lg.is_contiguous()
+                key = (lp.device, lp.dtype, lg.dtype, state["exp_avg"].dtype,
+                       "master_param" in state, flat_ok)
+                by_key[key].append((p, lp, lg, state))
+            for (device, p_dtype, g_dtype, s_dtype, has_master, flat_ok), items in by_key.items():
+                backend = self._choose_backend(device, p_dtype, flat_ok, has_master)
+                out.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
+                                   backend, items))
+        return out
+
+    def _choose_backend(self, device, p_dtype, flat_ok, has_master):
+        stochastic = self.stochastic_rounding and not has_master and p_dtype == torch.bfloat16
+        if self.backend is not None:
+            if not flat_ok and self.backend != "torch":
+                raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} needs contiguous "
+                                   "params and grads; use backend='torch' for strided ones")
+            if self.backend == "cuda" and stochastic:
+                raise RuntimeError("fasttrain AdamW: the cuda backend has no stochastic "
+                                   "rounding; use backend='triton'")
+            return self.backend
+        if not flat_ok:
+            _backend.log_once("adamw", "torch", "non-contiguous params or grads")
+            return "torch"
+        if device.type == "cuda":
+            candidates = ("triton", "cuda")
+        elif device.type == "cpu":
+            candidates = ("cpu",)
+        else:
+            candidates = ()
+        reasons = []
+        for name in candidates:
+            reason = _unavailable_reason(name, device)
+            if reason is None:
+                _backend.log_once("adamw", name, f"params on {device.type}")
+                return name
+            reasons.append(f"{name}: {reason}")
+        if ("adamw-fallback", device.type) not in _backend._logged:
+            _backend._logged.add(("adamw-fallback", device.type))
+            warnings.warn("fasttrain AdamW: no fused backend for params on "
+                          f"{device.type} ({'; '.join(reasons) or 'unsupported device'}); "
+                          "using the torch reference implementation", stacklevel=3)
+        return "torch"
+
+    def _clip_coefs(self, buckets, inv_scales):
+        """Per device: min(1, max_grad_norm / (||unscaled grads|| + 1e-6)), all on the device."""
+        sum_sq = None
+        sharded_sum_sq = None
+        for b in buckets:
+            s = _SUM_SQ_FNS[b.backend](self, b)
+            if b.device in inv_scales:
+                s = s * inv_scales[b.device] ** 2
+            if b.sharded:
+                sharded_sum_sq = s if sharded_sum_sq is None else sharded_sum_sq + s.to(
+                    sharded_sum_sq.device)
+            else:
+                sum_sq = s if sum_sq is None else sum_sq + s.to(sum_sq.device)
+        if sharded_sum_sq is not None:
+            import torch.distributed as dist
+
+            group = _shard_group([b for b in buckets if b.sharded])
+            dist.all_reduce(sharded_sum_sq, group=group)
+            sum_sq = sharded_sum_sq if sum_sq is None else sum_sq + sharded_sum_sq.to(sum_sq.device)
+        total_norm = sum_sq.sqrt()
+        self.last_grad_norm = total_norm
+        coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
+        return {b.device: coef.to(b.device, non_blocking=True) for b in buckets}
+
+
+class Adam(AdamW):
+    """Adam with L2 weight decay (added to the gradient). Arguments as ``torch.optim.Adam``."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class _Bucket:
+    """The tensors of one param group that one backend updates in one call."""
+
+    def __init__(self, group_index, group, device, param_dtype, grad_dtype, state_dtype,
+                 has_master, backend, items):
+        self.group_index = group_index
+        self.group = group
+        self.device = device
+        self.param_dtype = param_dtype
+        self.grad_dtype = grad_dtype
+        self.state_dtype = state_dtype
+        self.has_master = has_master
+        self.backend = backend
+        self.dparams = [p for p, _, _, _ in items]
+        self.params = [lp for _, lp, _, _ in items]
+        self.grads = [lg for _, _, lg, _ in items]
+        states = [s for _, _, _, s in items]
+        self.exp_avgs = [_local(s["exp_avg"]) for s in states]
+        self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
+        self.max_exp_avg_sqs = [_local(s["max_exp_avg_sq"]) for s in states if "max_exp_avg_sq" in s]
+        self.masters = [_local(s["master_param"]) for s in states] if has_master else []
+        self.steps = [s["step"] for s in states]
+        self.sharded = DTensor is not None and any(
+            isinstance(p, DTensor) and not all(pl.is_replicate() for pl in p.placements)
+            for p in self.dparams)
+
+    def table(self, cache, chunk):
+        """The Triton/CUDA device table, rebuilt only when a tensor's storage changed."""
+        from fasttrain.kernels import adamw as kernels
+
+        ptrs = tuple(t.data_ptr() for t in self.grads) + tuple(t.data_ptr() for t in self.params)
+        key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype)
+        hit = cache.get(key)
+        if hit is not None and hit[0] == ptrs:
+            return hit[1]
+        built = kernels.build_table(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
+                                    self.max_exp_avg_sqs, self.masters, self.steps, chunk)
+        cache[key] = (ptrs, built)
+        return built
+
+
+def _step_device(p):
+    # fused backends keep the step counter on the param's device (no host sync, capturable);
+    # CPU params keep it on the CPU, as torch does.
+    return _local(p).device
+
+
+def _unavailable_reason(backend, device):
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _backend.triton_unavailable_reason(device)
+    if backend == "cpu" and device.type != "cpu":
+        return "the cpu backend runs CPU tensors only"
+    if backend == "cuda" and device.type != "cuda":
+        return "the cuda backend runs CUDA tensors only"
+    return _backend.ext_unavailable_reason(device)
+
+
+def _shard_group(buckets):
+    meshes = {p.device_mesh for b in buckets for p in b.dparams if isinstance(p, DTensor)}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise NotImplementedError("fasttrain AdamW clipping supports sharded DTensor params on "
+                                  "one 1-D device mesh")
+    return next(iter(meshes)).get_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. Each takes the optimizer, a bucket and the scalars, and updates the bucket in place.
+
+def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                stochastic, seed, inv_scale, found_inf, clip_coef):
+    """Reference: torch.optim.AdamW's single-tensor update, op for op (host syncs allowed)."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    lr = float(lr)
+    for i, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(
+            zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps)):
+        step_t += 1
+        step = step_t.item()
+        g = grad if grad.dtype == torch.float32 else grad.float()
+        if inv_scale is not None:
+            g = g * inv_scale
+        if clip_coef is not None:
+            g = g * clip_coef
+        if maximize:
+            g = -g
+        p = b.masters[i] if b.has_master else (param if param.dtype == torch.float32
+                                                  else param.float())
+        if decoupled:
+            p.mul_(1 - lr * weight_decay)
+        elif weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
+        v = exp_avg_sq if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.float()
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        if amsgrad:
+            vmax_state = b.max_exp_avg_sqs[i]
+            vmax = torch.maximum(vmax_state.float(), v)
+            vmax_state.copy_(vmax)
+            denom = (vmax.sqrt() / bc2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+        if m is not exp_avg:
+            exp_avg.copy_(m)
+        if v is not exp_avg_sq:
+            exp_avg_sq.copy_(v)
+        if p is not param:
+            param.copy_(stochastic_round_bf16(p) if stochastic else p)
+
+
+def stochastic_round_bf16(x):
+    """fp32 -> bf16 rounded up or down with probability proportional to the distance (unbiased)."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    bits = (x.view(torch.int32) + noise) & -65536  # clear the 16 low bits
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
+def _sum_sq_torch(opt, b):
+    return sum(g.float().square().sum() for g in b.grads)
+
+
+def _step_triton(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                 stochastic, seed, inv_scale, found_inf, clip_coef):
+    from fasttrain.kernels import adamw as kernels
+
+    chunk, block, num_warps = kernels.launch_config(_backend.interpret_mode())
+    table, n_tensors, n_chunks, aligned = b.table(opt._tables, chunk)
+    kernels.adamw_step(table, n_tensors, n_chunks, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, param_dtype=b.param_dtype,
+                       grad_dtype=b.grad_dtype, state_dtype=b.state_dtype, decoupled=decoupled,
+                       amsgrad=amsgrad, maximize=maximize, has_master=b.has_master,
+                       stochastic=stochastic, seed=seed, inv_scale=inv_scale,
+                       found_inf=found_inf, clip_coef=clip_coef, aligned=aligned, chunk=chunk,
+                       block=block, num_warps=num_warps)
+
+
+def _sum_sq_triton(opt, b):
+    from fasttrain.kernels import adamw as kernels
+
+    chunk, block, num_warps = kernels.launch_config(_backend.interpret_mode())
+    table, n_tensors, n_chunks, _ = b.table(opt._tables, chunk)
+    partials = torch.empty(n_chunks, dtype=torch.float32, device=b.device)
+    kernels.sum_sq(table, n_tensors, n_chunks, partials, grad_dtype=b.grad_dtype, chunk=chunk,
+                   block=block, num_warps=num_warps)
+    return partials.sum()
+
+
+def _step_cpu(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+              stochastic, seed, inv_scale, found_inf, clip_coef):
+    torch.ops.fasttrain.adamw_cpu_(
+        b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.masters, b.steps,
+        float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, stochastic,
+        seed, inv_scale, found_inf, clip_coef)
+
+
+def _sum_sq_cpu(opt, b):
+    return torch.ops.fasttrain.sum_sq_cpu(b.grads)
+
+
+def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+               stochastic, seed, inv_scale, found_inf, clip_coef):
+    from fasttrain.kernels import adamw as kernels
+
+    chunk, _, _ = kernels.launch_config(False)
+    table, n_tensors, n_chunks, _ = b.table(opt._tables, chunk)
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    torch.ops.fasttrain.adamw_cuda_(
+        table, n_tensors, n_chunks, chunk, 0.0 if lr_tensor is not None else float(lr),
+        lr_tensor, beta1, beta2, eps, weight_decay, b.param_dtype, b.grad_dtype, b.state_dtype,
+        decoupled, amsgrad, maximize, b.has_master, inv_scale, found_inf, clip_coef)
+
+
+def _sum_sq_cuda(opt, b):
+    norms = torch._foreach_norm(b.grads, 2)
+    return torch.stack(norms).float().square().sum()
+
+
+_STEP_FNS = {"torch": _step_torch, "triton": _step_triton, "cpu": _step_cpu, "cuda": _step_cuda}
+_SUM_SQ_FNS = {"torch": _sum_sq_torch, "triton": _sum_sq_triton, "cpu": _sum_sq_cpu,
+               "cuda": _sum_sq_cuda}

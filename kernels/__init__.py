@@ -1,0 +1,1 @@
+"""Triton kernels of fasttrain (shipped as ``fasttrain.kernels``). No autograd, no modules."""

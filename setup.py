@@ -1,0 +1,36 @@
+"""Packaging for fasttrain.
+
+The Triton kernels live in the top-level ``kernels/`` folder and ship as ``fasttrain.kernels``;
+the C++/CUDA sources in ``csrc/`` ship as package data and are JIT-built on first use
+(see ``fasttrain/_ext.py``). Set ``FASTTRAIN_BUILD_EXT=1`` to build the extension ahead of time.
+"""
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def _csrc_files():
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file())
+
+
+kwargs = {}
+if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
+    from torch.utils.cpp_extension import BuildExtension
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ext_sources", ROOT / "fasttrain" / "_ext_sources.py")
+    sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources)
+    kwargs = dict(ext_modules=[sources.extension(ROOT)], cmdclass={"build_ext": BuildExtension})
+
+setup(
+    packages=["fasttrain", "fasttrain.optim", "fasttrain.ops", "fasttrain.kernels"],
+    package_dir={"fasttrain.kernels": "kernels"},
+    data_files=[],
+    package_data={"fasttrain": []},
+    **kwargs,
+)
