@@ -13,6 +13,7 @@ total number of elements only, never on how many tensors there are. The C++/CUDA
 the same table.
 """
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
@@ -234,10 +235,9 @@ def _sum_sq_kernel(table, n_tensors, partials, GRAD_DTYPE: tl.constexpr, CHUNK: 
 
 
 def launch_config(interpret: bool):
-    """(CHUNK, BLOCK, num_warps): big blocks under the interpreter, where cost is per program."""
-    if interpret:
-        return 65536, 2048, 1
-    return 65536, 2048, 8
+    """(CHUNK, BLOCK, num_warps). One program per 64K-element chunk; the interpreter runs
+    programs one after another, so warps do not matter there."""
+    return 65536, 2048, 1 if interpret else 8
 
 
 def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_decay,
@@ -245,8 +245,6 @@ def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_deca
                has_master, stochastic, seed, inv_scale, found_inf, clip_coef, aligned, chunk,
                block, num_warps):
     """Increment every step counter of the bucket, then update every tensor of it: two launches."""
-    import torch
-
     dummy = table  # placeholder pointer for disabled optional inputs
     inc_block = 1024
     _step_increment_kernel[(triton.cdiv(n_tensors, inc_block),)](
@@ -254,7 +252,7 @@ def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_deca
         HAS_FOUND_INF=found_inf is not None, BLOCK=inc_block)
     _adamw_kernel[(n_chunks,)](
         table, table.data_ptr(), n_tensors,
-        *_hi_lo(lr), *_hi_lo(beta1), *_hi_lo(beta2), eps, *_hi_lo(weight_decay),
+        *_hi_lo(lr), *_hi_lo(beta1), *_hi_lo(beta2), float(eps), *_hi_lo(weight_decay),
         inv_scale if inv_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         clip_coef if clip_coef is not None else dummy,
@@ -276,16 +274,15 @@ def sum_sq(table, n_tensors, n_chunks, partials, *, grad_dtype, chunk, block, nu
 
 
 def _hi_lo(x):
-    """A Python float as two fp32 values whose fp64 sum is x to ~48 bits; a tensor as (x, 0)."""
-    if not isinstance(x, float):
+    """A Python number as two fp32 values whose fp64 sum is x to ~48 bits; a tensor as (x, 0)."""
+    if isinstance(x, torch.Tensor):
         return x, 0.0
+    x = float(x)
     hi = float(np.float32(x))
     return hi, float(np.float32(x - hi))
 
 
 def _tl_dtype(dtype):
-    import torch
-
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
@@ -298,8 +295,6 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, 
     Host work proportional to the number of tensors, done once per change of the tensors' storage
     (the optimizer caches it), then one host-to-device copy from pinned memory.
     """
-    import torch
-
     n = len(params)
     zeros = [0] * n
     numels = [p.numel() for p in params]

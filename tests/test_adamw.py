@@ -75,6 +75,7 @@ CONFIGS = {
     "amsgrad": dict(lr=1e-2, amsgrad=True),
     "maximize": dict(lr=1e-2, maximize=True),
     "tensor_lr": dict(lr="tensor"),
+    "tensor_lr_betas": dict(lr="tensor", betas="tensor"),
     "betas": dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6),
 }
 
@@ -86,6 +87,8 @@ def _groups(model, config):
     kwargs = dict(CONFIGS[config])
     if kwargs.get("lr") == "tensor":
         kwargs["lr"] = torch.tensor(1e-2)
+    if kwargs.get("betas") == "tensor":
+        kwargs["betas"] = (torch.tensor(0.9), torch.tensor(0.99))
     return model.parameters(), kwargs
 
 

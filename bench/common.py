@@ -1,0 +1,231 @@
+"""What every suite shares: timing, the bandwidth probe, the environment record, rows, output.
+
+Timing interleaves providers inside one process: each repetition runs every provider and the
+bandwidth probe once (round-robin, starting one further along each time), so clock, thermal and
+neighbour drift hit all of them alike. CPU: time.perf_counter around each call. CUDA: an event
+pair around each call (as triton.testing.do_bench measures), starting from an idle GPU; the
+elapsed times are read once at the end.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class BandwidthProbe:
+    """Memory bandwidth, the yardstick for memory-bound kernels, timed along with them.
+
+    CPU: in-place ``a.add_(b, alpha=s)`` on large fp32 tensors, 12 B per element (read a, read b,
+    write a), with torch's threads. CUDA: a device-to-device copy, 8 B per element.
+    """
+
+    def __init__(self, device: torch.device, numel: int):
+        self.cuda = device.type == "cuda"
+        self.kind = "device-to-device copy" if self.cuda else "a.add_(b, alpha=s)"
+        self.numel = numel
+        self.bytes = (8 if self.cuda else 12) * numel
+        self.a = torch.full((numel,), 1.0, device=device)
+        self.b = torch.full((numel,), 1e-3, device=device)
+
+    def __call__(self) -> None:
+        if self.cuda:
+            self.b.copy_(self.a)
+        else:
+            self.a.add_(self.b, alpha=1e-3)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "numel": self.numel, "bytes": self.bytes}
+
+
+@dataclass
+class Context:
+    """What a suite's ``run(ctx)`` gets: where to run, how big, how often."""
+
+    device: torch.device
+    sizes: str  # "full", "quick" or "tiny" (test-only)
+    reps: int  # timed repetitions per provider (>= 10)
+    warmup: int  # untimed rounds over all providers before timing
+    probe: BandwidthProbe
+    skipped: list = field(default_factory=list)  # "provider: reason", printed once each
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def skip(self, provider: str, reason: str) -> None:
+        note = f"{provider}: {reason}"
+        if note not in self.skipped:
+            self.skipped.append(note)
+            print(f"skip {note}", flush=True)
+
+    def time(self, fns: dict[str, Callable[[], object]]) -> tuple[dict, float]:
+        """Time ``fns`` interleaved with the bandwidth probe: ({name: timing}, probe GB/s)."""
+        timings = time_interleaved({**fns, "bandwidth-probe": self.probe}, self.device, self.reps,
+                                   self.warmup)
+        return timings, self.probe.bytes / timings.pop("bandwidth-probe")["p50_ms"] / 1e6
+
+
+# --- timing --------------------------------------------------------------------------------
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                     warmup: int) -> dict[str, dict[str, float]]:
+    """Run every fn ``warmup`` times untimed, then ``reps`` timed times, interleaved.
+
+    Returns {name: {"p50_ms", "p20_ms", "p80_ms"}}.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    cuda = device.type == "cuda"
+    samples = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            if cuda:
+                # An idle GPU at the start event: launch overhead counts, and no queue left by
+                # the previous provider hides it.
+                torch.cuda.synchronize(device)
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fns[name]()
+                end.record()
+                samples[name].append((start, end))
+            else:
+                start = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    if cuda:
+        torch.cuda.synchronize(device)
+        samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
+    keys = ("p50_ms", "p20_ms", "p80_ms")
+    return {name: dict(zip(keys, map(float, np.percentile(ms, [50, 20, 80]))))
+            for name, ms in samples.items()}
+
+
+def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """Capture one call of ``fn`` in a CUDA graph, after ``warmup`` eager calls on a side stream
+    (lazy allocations, autotuning and compilation must happen before capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+# --- environment ---------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def environment(device: torch.device, argv: list[str]) -> dict:
+    """The fields every row carries so that a results file stands on its own."""
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "load_avg_1min": os.getloadavg()[0],  # before the run: other work on the machine
+        "git_sha": git_sha(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, "-m", "bench", *argv]),
+    }
+
+
+# --- rows and output -----------------------------------------------------------------------
+
+def finish_rows(rows: list[dict], baseline: str, env: dict) -> list[dict]:
+    """Add GB/s, % of the probe (``probe_gbps``, timed with the row), speedup vs ``baseline``
+    (same workload, mode and dtype) and the environment to a suite's rows."""
+    base_ms = {(r["workload"], r["mode"], r["dtype"]): r["p50_ms"]
+               for r in rows if r["provider"] == baseline}
+    for r in rows:
+        r["gbps"] = r["bytes"] / r["p50_ms"] / 1e6
+        r["pct_of_probe"] = 100 * r["gbps"] / r["probe_gbps"]
+        base = base_ms.get((r["workload"], r["mode"], r["dtype"]))
+        r["baseline"] = baseline
+        r["speedup"] = base / r["p50_ms"] if base is not None else None
+        r.update(env)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One block per (kernel, workload, mode, dtype), one line per provider."""
+    header = (f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {'GB/s':>7} {'B/param':>7} "
+              f"{'% probe':>7} {'speedup':>7}  timing")
+    blocks = {}
+    for r in rows:
+        blocks.setdefault((r["kernel"], r["workload"], r["mode"], r["dtype"]), []).append(r)
+    for key, block in blocks.items():
+        print(f"\n{' / '.join(key)}  (bandwidth probe {block[0]['probe_gbps']:.1f} GB/s)")
+        print(header)
+        for r in block:
+            speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+            spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
+            print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {r['gbps']:7.1f} "
+                  f"{r['bytes_per_param']:7.1f} {r['pct_of_probe']:6.0f}% {speedup:>7}  "
+                  f"{r['timing']}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def write_json(suite: str, rows: list[dict], ctx: Context, env: dict, out_dir: Path) -> Path:
+    """bench/results/<suite>-<device-name-slug>-<YYYYMMDD-HHMMSS>.json (UTC)."""
+    stamp = datetime.datetime.fromisoformat(env["timestamp"]).strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{suite}-{slug(env['device_name'])}-{stamp}.json"
+    doc = {"suite": suite, "env": env, "bandwidth_probe": ctx.probe.describe(),
+           "skipped": ctx.skipped, "rows": rows}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path

@@ -1,0 +1,44 @@
+"""The benchmark harness end to end: `python -m bench --suite adamw` at tiny sizes on the CPU."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROW_FIELDS = {
+    "kernel", "provider", "mode", "workload", "config", "dtype", "p50_ms", "p20_ms", "p80_ms",
+    "bytes", "bytes_per_param", "gbps", "pct_of_probe", "speedup", "timing", "device",
+    "device_name", "torch", "triton", "cuda", "git_sha", "timestamp", "command",
+}
+
+
+def _fasttrain_optim_importable():
+    try:
+        return importlib.util.find_spec("fasttrain.optim.adamw") is not None
+    except ImportError:
+        return False
+
+
+def test_adamw_suite_tiny(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench", "--suite", "adamw", "--sizes", "tiny",
+                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   timeout=600)
+    (path,) = tmp_path.glob("adamw-*.json")
+    rows = json.loads(path.read_text())["rows"]
+
+    providers = {r["provider"] for r in rows}
+    assert {"torch-fused", "torch-foreach", "torch-forloop"} <= providers
+    if _fasttrain_optim_importable():
+        assert "fasttrain-torch" in providers
+    assert {(r["workload"], r["mode"]) for r in rows} == {
+        (w, m) for w in ("200K/20", "50x4K") for m in ("step", "clip+step")}
+    for r in rows:
+        assert ROW_FIELDS <= r.keys(), ROW_FIELDS - r.keys()
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["gbps"] > 0 and r["pct_of_probe"] > 0 and r["speedup"] > 0
+        assert r["bytes_per_param"] == (32.0 if r["mode"] == "clip+step" else 28.0)
+        assert isinstance(json.loads(r["config"]), dict)
+        if r["provider"] == "torch-fused":
+            assert r["speedup"] == 1.0
