@@ -90,6 +90,7 @@ class AdamW(Optimizer):
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
         self._tables = {}
+        self._state_version = 0  # bumped whenever a state tensor is created or replaced
         if self.backend is not None:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -122,6 +123,7 @@ class AdamW(Optimizer):
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
         self._tables.clear()
+        self._state_version += 1
 
     def _dtype_of(self, p, key):
         if key == "master_param" or self._has_master(p):
@@ -133,6 +135,10 @@ class AdamW(Optimizer):
 
     def _init_state(self, p, amsgrad):
         state = self.state[p]
+        if len(state) == 0 or (amsgrad and "max_exp_avg_sq" not in state) or (
+                self._has_master(p) and "master_param" not in state) or (
+                state["step"].device != _step_device(p)):
+            self._state_version += 1
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
             for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
@@ -145,6 +151,7 @@ class AdamW(Optimizer):
             step = state["step"]
             if not isinstance(step, torch.Tensor):
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
+                self._state_version += 1
             if state["step"].device != _step_device(p) or state["step"].dtype != torch.float32:
                 state["step"] = state["step"].to(_step_device(p), torch.float32)
             if amsgrad and "max_exp_avg_sq" not in state:
@@ -216,7 +223,7 @@ class AdamW(Optimizer):
             for (device, p_dtype, g_dtype, s_dtype, has_master, flat_ok), items in by_key.items():
                 backend = self._choose_backend(device, p_dtype, flat_ok, has_master)
                 out.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
-                                   backend, items))
+                                   backend, items, self._state_version))
         return out
 
     def _choose_backend(self, device, p_dtype, flat_ok, has_master):
@@ -291,8 +298,9 @@ class _Bucket:
     """The tensors of one param group that one backend updates in one call."""
 
     def __init__(self, group_index, group, device, param_dtype, grad_dtype, state_dtype,
-                 has_master, backend, items):
+                 has_master, backend, items, state_version):
         self.group_index = group_index
+        self.state_version = state_version
         self.group = group
         self.device = device
         self.param_dtype = param_dtype
@@ -317,7 +325,8 @@ class _Bucket:
         """The Triton/CUDA device table, rebuilt only when a tensor's storage changed."""
         from fasttrain.kernels import adamw as kernels
 
-        ptrs = tuple(t.data_ptr() for t in self.grads) + tuple(t.data_ptr() for t in self.params)
+        ptrs = (self.state_version, tuple(t.data_ptr() for t in self.grads),
+                tuple(t.data_ptr() for t in self.params))
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype)
         hit = cache.get(key)
         if hit is not None and hit[0] == ptrs:
