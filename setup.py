@@ -12,10 +12,6 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 
-def _csrc_files():
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file())
-
-
 kwargs = {}
 if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension
@@ -28,9 +24,9 @@ if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
     kwargs = dict(ext_modules=[sources.extension(ROOT)], cmdclass={"build_ext": BuildExtension})
 
 setup(
-    packages=["fasttrain", "fasttrain.optim", "fasttrain.ops", "fasttrain.kernels"],
-    package_dir={"fasttrain.kernels": "kernels"},
-    data_files=[],
-    package_data={"fasttrain": []},
+    packages=["fasttrain", "fasttrain.optim", "fasttrain.ops", "fasttrain.kernels",
+              "fasttrain.csrc", "fasttrain.csrc.adamw"],
+    package_dir={"fasttrain.kernels": "kernels", "fasttrain.csrc": "csrc"},
+    package_data={"fasttrain.csrc": ["*.cpp", "*.h"], "fasttrain.csrc.adamw": ["*.cpp", "*.cu", "*.h"]},
     **kwargs,
 )

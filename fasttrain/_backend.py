@@ -27,7 +27,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda":
-        return None
+        return None if torch.cuda.is_available() else "no CUDA device"
     if device.type == "cpu":
         if interpret_mode():
             return None

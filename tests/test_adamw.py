@@ -394,3 +394,14 @@ def test_gpu_backend_is_chosen_and_agrees_with_reference(backend):
     run_steps(ref, ref_params, 100)
     for p, r in zip(params, ref_params):
         assert rel_max_diff(p, r) <= 1e-6
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_step_bumps_version_counters(device, backend):
+    """Autograd still sees that step() changed a param saved for backward."""
+    p = torch.nn.Parameter(torch.randn(100, device=device))
+    loss = (p * p).sum()  # saves p for backward
+    p.grad = torch.randn_like(p)
+    AdamW([p], backend=backend).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from fasttrain import _backend
+from fasttrain import _backend, _ext
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
@@ -321,6 +321,13 @@ class _Bucket:
             isinstance(p, DTensor) and not all(pl.is_replicate() for pl in p.placements)
             for p in self.dparams)
 
+    def mark_written(self):
+        """Bump the autograd version counters of what a kernel wrote through raw pointers, as
+        the dispatcher does for in-place ops (so a param saved for backward is caught)."""
+        torch.autograd.graph.increment_version(
+            self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs
+            + self.masters + self.steps)
+
     def table(self, cache, chunk):
         """The Triton/CUDA device table, rebuilt only when a tensor's storage changed."""
         from fasttrain.kernels import adamw as kernels
@@ -435,6 +442,7 @@ def _step_triton(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsg
                        stochastic=stochastic, seed=seed, inv_scale=inv_scale,
                        found_inf=found_inf, clip_coef=clip_coef, aligned=aligned, chunk=chunk,
                        block=block, num_warps=num_warps)
+    b.mark_written()
 
 
 def _sum_sq_triton(opt, b):
@@ -450,14 +458,16 @@ def _sum_sq_triton(opt, b):
 
 def _step_cpu(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
               stochastic, seed, inv_scale, found_inf, clip_coef):
-    torch.ops.fasttrain.adamw_cpu_(
+    # The extension's direct binding of torch.ops.fasttrain.adamw_cpu_: same arguments, without
+    # the dispatcher's per-tensor conversions (~1 us per tensor).
+    _ext.load()[0].adamw_cpu_(
         b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.masters, b.steps,
         float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, stochastic,
         seed, inv_scale, found_inf, clip_coef)
 
 
 def _sum_sq_cpu(opt, b):
-    return torch.ops.fasttrain.sum_sq_cpu(b.grads)
+    return _ext.load()[0].sum_sq_cpu(b.grads)
 
 
 def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
@@ -471,6 +481,7 @@ def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgra
         table, n_tensors, n_chunks, chunk, 0.0 if lr_tensor is not None else float(lr),
         lr_tensor, beta1, beta2, eps, weight_decay, b.param_dtype, b.grad_dtype, b.state_dtype,
         decoupled, amsgrad, maximize, b.has_master, inv_scale, found_inf, clip_coef)
+    b.mark_written()
 
 
 def _sum_sq_cuda(opt, b):

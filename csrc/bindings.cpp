@@ -1,0 +1,167 @@
+// Python module of the fasttrain extension and the schemas of its ops.
+//
+// The ops live in the `fasttrain` namespace next to the ones that Python code registers with
+// torch.library.custom_op, hence TORCH_LIBRARY_FRAGMENT. Kernels are registered per dispatch
+// key in the files that implement them (CPU: adamw/adamw_cpu.cpp, CUDA: adamw/adamw_cuda.cpp).
+//
+// The module also binds the CPU kernels directly (adamw_cpu_, sum_sq_cpu): same arguments as
+// the ops, no dispatcher. torch.ops converts every tensor of every list to an IValue and back
+// (~1 us per tensor for adamw_cpu_'s five lists); here the Python lists are read in place
+// (~20 ns per tensor). Like the dispatcher, they bump the version counter of every tensor they
+// write, so autograd still detects an in-place update of a tensor saved for backward. Use them
+// for the eager optimizer step; the ops are what torch.compile, opcheck and the dispatcher see.
+
+// torch/csrc/autograd/python_variable.h reads tensors out of Python objects; torch/extension.h
+// would add all of torch's C++ API to the build.
+#include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/headeronly/version.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace fasttrain {
+using TensorPtrs = c10::ArrayRef<const at::Tensor*>;
+// Defined in adamw/adamw_cpu.cpp.
+void adamw_cpu_refs(TensorPtrs params, TensorPtrs grads, TensorPtrs exp_avgs,
+                    TensorPtrs exp_avg_sqs, TensorPtrs max_exp_avg_sqs, TensorPtrs masters,
+                    TensorPtrs steps, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                    bool stochastic, int64_t seed, const at::Tensor* inv_scale,
+                    const at::Tensor* found_inf, const at::Tensor* clip_coef);
+at::Tensor sum_sq_cpu_refs(TensorPtrs tensors);
+}  // namespace fasttrain
+
+namespace {
+namespace py = pybind11;
+
+// The tensors of a Python list or tuple, as pointers into the Python objects. The objects are
+// kept alive (a reference each) until this goes away, so the GIL can be released meanwhile.
+class UnpackedTensors {
+ public:
+  UnpackedTensors(py::handle seq, const char* what) {
+    PyObject* fast = PySequence_Fast(seq.ptr(), "");
+    if (fast == nullptr) {
+      PyErr_Clear();
+      throw py::type_error(std::string(what) + " must be a list or tuple of tensors");
+    }
+    seq_ = py::reinterpret_steal<py::object>(fast);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject** items = PySequence_Fast_ITEMS(fast);
+    ptrs_.reserve(static_cast<size_t>(n));
+    owners_.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) {
+        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
+      }
+      owners_.push_back(py::reinterpret_borrow<py::object>(items[i]));
+      ptrs_.push_back(&THPVariable_Unpack(items[i]));
+    }
+  }
+  fasttrain::TensorPtrs ptrs() const { return ptrs_; }
+  void bump_versions() const {
+    for (const at::Tensor* t : ptrs_) {
+      torch::autograd::impl::bump_version(*t);
+    }
+  }
+
+ private:
+  py::object seq_;
+  std::vector<py::object> owners_;
+  std::vector<const at::Tensor*> ptrs_;
+};
+
+// None or a tensor.
+const at::Tensor* optional_tensor(py::handle obj, const char* what) {
+  if (obj.is_none()) {
+    return nullptr;
+  }
+  if (!THPVariable_Check(obj.ptr())) {
+    throw py::type_error(std::string(what) + " must be a tensor or None");
+  }
+  return &THPVariable_Unpack(obj.ptr());
+}
+
+void adamw_cpu_direct(py::handle params, py::handle grads, py::handle exp_avgs,
+                      py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle masters,
+                      py::handle steps, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                      bool stochastic, int64_t seed, py::object inv_scale, py::object found_inf,
+                      py::object clip_coef) {
+  const UnpackedTensors p(params, "params"), g(grads, "grads"), m(exp_avgs, "exp_avgs");
+  const UnpackedTensors v(exp_avg_sqs, "exp_avg_sqs"), vmax(max_exp_avg_sqs, "max_exp_avg_sqs");
+  const UnpackedTensors master(masters, "masters"), step(steps, "steps");
+  const at::Tensor* inv = optional_tensor(inv_scale, "inv_scale");
+  const at::Tensor* found = optional_tensor(found_inf, "found_inf");
+  const at::Tensor* clip = optional_tensor(clip_coef, "clip_coef");
+  py::gil_scoped_release no_gil;
+  fasttrain::adamw_cpu_refs(p.ptrs(), g.ptrs(), m.ptrs(), v.ptrs(), vmax.ptrs(), master.ptrs(),
+                            step.ptrs(), lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                            maximize, stochastic, seed, inv, found, clip);
+  for (const UnpackedTensors* written : {&p, &m, &v, &vmax, &master, &step}) {
+    written->bump_versions();
+  }
+}
+
+py::object sum_sq_cpu_direct(py::handle tensors) {
+  const UnpackedTensors t(tensors, "tensors");
+  at::Tensor out;
+  {
+    py::gil_scoped_release no_gil;
+    out = fasttrain::sum_sq_cpu_refs(t.ptrs());
+  }
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+}
+}  // namespace
+
+#ifndef FASTTRAIN_TORCH_BUILD
+#define FASTTRAIN_TORCH_BUILD ""
+#endif
+
+TORCH_LIBRARY_FRAGMENT(fasttrain, m) {
+  m.def(
+      "adamw_cpu_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
+      "Tensor(f!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool amsgrad, bool maximize, bool stochastic, int seed, "
+      "Tensor? inv_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  m.def("sum_sq_cpu(Tensor[] tensors) -> Tensor");
+  m.def(
+      "adamw_cuda_(Tensor table, int n_tensors, int n_chunks, int chunk, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+      "ScalarType param_dtype, ScalarType grad_dtype, ScalarType state_dtype, bool decoupled, "
+      "bool amsgrad, bool maximize, bool has_master, Tensor? inv_scale, Tensor? found_inf, "
+      "Tensor? clip_coef) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fasttrain C++/CUDA kernels; the ops are under torch.ops.fasttrain";
+  m.def(
+      "has_cuda",
+      []() {
+#ifdef FASTTRAIN_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the CUDA kernels were compiled in.");
+  m.def(
+      "torch_version", []() { return std::string(TORCH_VERSION); },
+      "The torch version (major.minor.patch) this module was built against.");
+  m.def(
+      "torch_build", []() { return std::string(FASTTRAIN_TORCH_BUILD); },
+      "torch.__version__ at build time (with the local tag, e.g. +cpu), if the build recorded it.");
+  using pybind11::arg;
+  m.def("adamw_cpu_", &adamw_cpu_direct,
+        "torch.ops.fasttrain.adamw_cpu_ without the dispatcher (same arguments).", arg("params"),
+        arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"), arg("max_exp_avg_sqs"),
+        arg("masters"), arg("steps"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"),
+        arg("weight_decay"), arg("decoupled"), arg("amsgrad"), arg("maximize"),
+        arg("stochastic"), arg("seed"), arg("inv_scale").none(true),
+        arg("found_inf").none(true), arg("clip_coef").none(true));
+  m.def("sum_sq_cpu", &sum_sq_cpu_direct, "torch.ops.fasttrain.sum_sq_cpu without the dispatcher.",
+        arg("tensors"));
+}

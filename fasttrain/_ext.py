@@ -1,0 +1,144 @@
+"""Loads the C++/CUDA extension (the ``cpu`` and ``cuda`` backends).
+
+In order: (1) a prebuilt ``fasttrain._C`` (``FASTTRAIN_BUILD_EXT=1 pip install .``) if it was
+built against the running torch; (2) a JIT build of csrc/ with torch.utils.cpp_extension and
+ninja into a cache folder (``$FASTTRAIN_CACHE`` or ``~/.cache/fasttrain``, one subfolder per
+torch version and hash of the sources and flags; later processes import the cached module
+directly); (3) if that fails, one warning that includes the compiler's error, and ``None`` so
+that callers fall back to the Triton or torch path.
+
+The ops register themselves under ``torch.ops.fasttrain`` when the module is imported. The
+module itself also has ``adamw_cpu_`` and ``sum_sq_cpu``: the same CPU kernels with the same
+arguments, called without the dispatcher, which reads the Python lists in place (~3x less
+per-tensor overhead than torch.ops with thousands of tensors; eager use only).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+from fasttrain import _ext_sources as _sources
+
+_lock = threading.RLock()
+_loaded = False
+_module = None
+_error: str | None = None
+_status = "not loaded yet"
+
+_MAX_ERROR_CHARS = 6000
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTTRAIN_CACHE") or Path.home() / ".cache" / "fasttrain")
+
+
+def _torch_tag() -> str:
+    import torch
+
+    version = torch.__version__.replace("+", "_")
+    return f"torch{version}_py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _try_prebuilt():
+    """The ahead-of-time module if it exists and matches the running torch; else (None, why)."""
+    import torch
+
+    if importlib.util.find_spec("fasttrain._C") is None:
+        return None, "no prebuilt fasttrain._C"
+    try:
+        from fasttrain import _C
+    except ImportError as e:  # typically undefined symbols: built against another torch
+        return None, f"prebuilt fasttrain._C does not import: {e}"
+    built = _C.torch_build() or _C.torch_version()
+    running = torch.__version__ if _C.torch_build() else torch.__version__.split("+")[0]
+    if built != running:
+        # Its ops are registered already; a JIT module would register them a second time.
+        raise RuntimeError(
+            f"the prebuilt fasttrain._C was built for torch {built}, this is torch "
+            f"{torch.__version__}: rebuild it (FASTTRAIN_BUILD_EXT=1 pip install .) or remove it")
+    return _C, None
+
+
+def _import_from(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jit():
+    """Import the cached JIT build, building it first if needed. Returns (module, status)."""
+    csrc = _sources.csrc_dir()
+    with_cuda = _sources.want_cuda()
+    key = _sources.fingerprint(csrc, with_cuda)
+    name = f"fasttrain_ext_{key}"
+    build_dir = cache_root() / f"{_torch_tag()}_{'cuda' if with_cuda else 'cpu'}_{key}"
+    library = build_dir / f"{name}.so"
+    marker = build_dir / "BUILD_OK"
+    if marker.is_file() and library.is_file():
+        return _import_from(library, name), f"cached at {build_dir}"
+
+    from torch.utils.cpp_extension import load as cpp_load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fasttrain: building the C++{'/CUDA' if with_cuda else ''} extension in {build_dir} "
+          "(first use only; this takes about a minute)...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    module = cpp_load(
+        name=name,
+        sources=_sources.sources(csrc, with_cuda),
+        extra_cflags=_sources.cxx_flags(with_cuda),
+        extra_cuda_cflags=_sources.nvcc_flags() if with_cuda else None,
+        extra_ldflags=list(_sources.LD_FLAGS),
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        verbose=False,
+    )
+    seconds = time.perf_counter() - start
+    marker.write_text(f"{seconds:.1f}\n")
+    print(f"fasttrain: built the extension in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return module, f"built in {seconds:.1f} s at {build_dir}"
+
+
+def load():
+    """``(module, None)`` if the extension is usable, else ``(None, why)``. Cached."""
+    global _loaded, _module, _error, _status
+    if _loaded:
+        return _module, _error
+    with _lock:
+        if _loaded:
+            return _module, _error
+        try:
+            module, why_not_prebuilt = _try_prebuilt()
+            if module is not None:
+                _module, _status = module, "prebuilt"
+            else:
+                _module, _status = _jit()
+        except Exception as e:  # noqa: BLE001 - any failure means: no extension, say why
+            message = f"{type(e).__name__}: {e}".strip()
+            if len(message) > _MAX_ERROR_CHARS:
+                message = "..." + message[-_MAX_ERROR_CHARS:]
+            _module, _error, _status = None, message, f"unbuildable: {message}"
+            warnings.warn(
+                "fasttrain: the C++ extension is unavailable, so the cpu/cuda backends are off "
+                f"and fasttrain falls back to the Triton/torch paths. Reason: {message}",
+                RuntimeWarning, stacklevel=2)
+        _loaded = True
+        return _module, _error
+
+
+def has_cuda() -> bool:
+    """Whether the loaded extension has the CUDA kernels (False if it is unavailable)."""
+    module, _ = load()
+    return bool(module is not None and module.has_cuda())
+
+
+def status() -> str:
+    """'prebuilt', 'cached at PATH', 'built in 31.2 s at PATH' or 'unbuildable: why'."""
+    load()
+    return _status
