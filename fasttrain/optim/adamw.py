@@ -38,7 +38,11 @@ except ImportError:  # torch built without distributed
 
 
 def _local(t):
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    """The local shard of a DTensor, else t. (isinstance on tensor types costs ~1 us through the
+    tensor metaclass; the exact-type test first keeps the per-tensor cost of step() low.)"""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or DTensor is None:
+        return t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class AdamW(Optimizer):
@@ -90,6 +94,7 @@ class AdamW(Optimizer):
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
         self._tables = {}
+        self._layouts = {}  # param group index -> (state version, which params have grads, buckets)
         self._state_version = 0  # bumped whenever a state tensor is created or replaced
         if self.backend is not None:
             for group in self.param_groups:
@@ -109,9 +114,11 @@ class AdamW(Optimizer):
                 group.setdefault(key, False)
 
     def load_state_dict(self, state_dict):
-        # torch casts every floating state to the param's dtype on load; restore fp32 master
-        # copies and the configured state dtype from the source tensors.
         super().load_state_dict(state_dict)
+        # torch casts every floating state to the param's dtype on load: restore fp32 master
+        # copies and the configured state dtype from the source tensors. A state_dict from
+        # torch.optim.AdamW keeps `step` on the CPU (or as a number in old ones): move it where
+        # this optimizer's kernels read it.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -122,6 +129,11 @@ class AdamW(Optimizer):
             for key in _STATE_KEYS:
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
+            step = state["step"]
+            step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            state["step"] = step.to(_local(p).device, torch.float32)
+            if self._has_master(p) and "master_param" not in state:
+                state["master_param"] = p.detach().float().clone()
         self._tables.clear()
         self._state_version += 1
 
@@ -135,29 +147,19 @@ class AdamW(Optimizer):
 
     def _init_state(self, p, amsgrad):
         state = self.state[p]
-        if len(state) == 0 or (amsgrad and "max_exp_avg_sq" not in state) or (
-                self._has_master(p) and "master_param" not in state) or (
-                state["step"].device != _step_device(p)):
-            self._state_version += 1
         if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
-            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+            # the step counter lives on the param's device, as in torch's fused/capturable modes:
+            # kernels read and increment it without a host sync
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(p, dtype=self._dtype_of(p, key),
                                               memory_format=torch.preserve_format)
             if self._has_master(p):
                 state["master_param"] = p.detach().float().clone()
-        else:
-            # State loaded from torch.optim.AdamW (step on CPU) or from an older run.
-            step = state["step"]
-            if not isinstance(step, torch.Tensor):
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
-                self._state_version += 1
-            if state["step"].device != _step_device(p) or state["step"].dtype != torch.float32:
-                state["step"] = state["step"].to(_step_device(p), torch.float32)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-            if self._has_master(p) and "master_param" not in state:
-                state["master_param"] = p.detach().float().clone()
+            self._state_version += 1
+        if amsgrad and "max_exp_avg_sq" not in state:  # amsgrad may be switched on mid-run
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+            self._state_version += 1
         return state
 
     @torch.no_grad()
@@ -201,30 +203,48 @@ class AdamW(Optimizer):
         return loss
 
     def _buckets(self):
-        """Params with grads, grouped by (param group, device, dtypes, backend)."""
+        """Params with grads, grouped by (param group, device, dtypes, backend).
+
+        The grouping of each param group is cached: it is rebuilt when the set of params with a
+        grad, the optimizer state, or a grad's dtype or layout changes; otherwise a step only
+        collects the grads (a fraction of a microsecond per tensor)."""
         out = []
         for gi, group in enumerate(self.param_groups):
-            by_key = defaultdict(list)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("fasttrain AdamW does not support sparse gradients")
-                if p.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(f"fasttrain AdamW supports params of dtype {_FLOAT_DTYPES}, "
-                                    f"got {p.dtype}")
-                state = self._init_state(p, group["amsgrad"])
-                lp, lg = _local(p), _local(g)
-                flat_ok = lp.is_contiguous() and lg.is_contiguous()
-                key = (lp.device, lp.dtype, lg.dtype, state["exp_avg"].dtype,
-                       "master_param" in state, flat_ok)
-                by_key[key].append((p, lp, lg, state))
-            for (device, p_dtype, g_dtype, s_dtype, has_master, flat_ok), items in by_key.items():
-                backend = self._choose_backend(device, p_dtype, flat_ok, has_master)
-                out.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
-                                   backend, items, self._state_version))
+            grads = [p.grad for p in group["params"]]
+            present = [g is not None for g in grads]
+            cached = self._layouts.get(gi)
+            if (cached is None or cached[0] != self._state_version or cached[1] != present
+                    or not all(b.take_grads(grads) for b in cached[2])):
+                buckets = self._group_buckets(gi, group)
+                for b in buckets:
+                    b.take_grads(grads)
+                cached = self._layouts[gi] = (self._state_version, present, buckets)
+            out += cached[2]
         return out
+
+    def _group_buckets(self, gi, group):
+        by_key = defaultdict(list)
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("fasttrain AdamW does not support sparse gradients")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"fasttrain AdamW supports params of dtype {_FLOAT_DTYPES}, "
+                                f"got {p.dtype}")
+            state = self._init_state(p, group["amsgrad"])
+            lp = _local(p)
+            flat_ok = lp.is_contiguous() and _local(g).is_contiguous()
+            key = (lp.device, lp.dtype, g.dtype, state["exp_avg"].dtype, "master_param" in state,
+                   flat_ok)
+            by_key[key].append((i, p, state))
+        buckets = []
+        for (device, p_dtype, g_dtype, s_dtype, has_master, flat_ok), items in by_key.items():
+            backend = self._choose_backend(device, p_dtype, flat_ok, has_master)
+            buckets.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
+                                   backend, items, self._state_version))
+        return buckets
 
     def _choose_backend(self, device, p_dtype, flat_ok, has_master):
         stochastic = self.stochastic_rounding and not has_master and p_dtype == torch.bfloat16
@@ -308,18 +328,32 @@ class _Bucket:
         self.state_dtype = state_dtype
         self.has_master = has_master
         self.backend = backend
-        self.dparams = [p for p, _, _, _ in items]
-        self.params = [lp for _, lp, _, _ in items]
-        self.grads = [lg for _, _, lg, _ in items]
-        states = [s for _, _, _, s in items]
+        self.indices = [i for i, _, _ in items]
+        self.dparams = [p for _, p, _ in items]
+        self.params = [_local(p) for p in self.dparams]
+        self.grads = None  # set by take_grads() before each step
+        states = [s for _, _, s in items]
         self.exp_avgs = [_local(s["exp_avg"]) for s in states]
         self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
         self.max_exp_avg_sqs = [_local(s["max_exp_avg_sq"]) for s in states if "max_exp_avg_sq" in s]
         self.masters = [_local(s["master_param"]) for s in states] if has_master else []
         self.steps = [s["step"] for s in states]
-        self.sharded = DTensor is not None and any(
-            isinstance(p, DTensor) and not all(pl.is_replicate() for pl in p.placements)
-            for p in self.dparams)
+        dtensors = [p for p in self.dparams if DTensor is not None and isinstance(p, DTensor)]
+        self.has_dtensor = bool(dtensors)
+        self.sharded = any(not all(pl.is_replicate() for pl in p.placements) for p in dtensors)
+
+    def take_grads(self, grads):
+        """Take this bucket's grads from the group's list of grads; False when one does not fit
+        the bucket any more (another dtype or layout), which makes the optimizer regroup."""
+        mine = [grads[i] for i in self.indices]
+        if self.has_dtensor:
+            mine = [_local(g) for g in mine]
+        dtype, fused = self.grad_dtype, self.backend != "torch"
+        for g in mine:
+            if g.dtype != dtype or g.layout != torch.strided or (fused and not g.is_contiguous()):
+                return False
+        self.grads = mine
+        return True
 
     def mark_written(self):
         """Bump the autograd version counters of what a kernel wrote through raw pointers, as
@@ -342,12 +376,6 @@ class _Bucket:
                                     self.max_exp_avg_sqs, self.masters, self.steps, chunk)
         cache[key] = (ptrs, built)
         return built
-
-
-def _step_device(p):
-    # fused backends keep the step counter on the param's device (no host sync, capturable);
-    # CPU params keep it on the CPU, as torch does.
-    return _local(p).device
 
 
 def _unavailable_reason(backend, device):
