@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -63,3 +64,12 @@ def log_once(family: str, backend: str, why: str) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.info("fasttrain.%s: using the %s backend (%s)", family, backend, why)
+
+
+def warn_once(family: str, device_type: str, reasons: str) -> None:
+    """The one warning of an automatic fallback to the torch reference."""
+    key = (family, "fallback", device_type)
+    if key not in _logged:
+        _logged.add(key)
+        warnings.warn(f"fasttrain.{family}: no fused backend for {device_type} tensors "
+                      f"({reasons}); using the torch reference implementation", stacklevel=4)

@@ -405,3 +405,16 @@ def test_step_bumps_version_counters(device, backend):
     AdamW([p], backend=backend).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_automatic_fallback_to_reference_warns(monkeypatch):
+    import fasttrain.optim.adamw as adamw_module
+
+    monkeypatch.setattr(adamw_module, "_unavailable_reason", lambda backend, device: "broken")
+    monkeypatch.setattr(_backend, "_logged", set())
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    opt = AdamW([p])
+    with pytest.warns(UserWarning, match="cpu: broken.*torch reference"):
+        opt.step()
+    assert [b.backend for b in opt._buckets()] == ["torch"]

@@ -20,7 +20,6 @@ Works with ``torch.amp.GradScaler`` through the fused-optimizer protocol (the sc
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import torch
@@ -272,11 +271,7 @@ class AdamW(Optimizer):
                 _backend.log_once("adamw", name, f"params on {device.type}")
                 return name
             reasons.append(f"{name}: {reason}")
-        if ("adamw-fallback", device.type) not in _backend._logged:
-            _backend._logged.add(("adamw-fallback", device.type))
-            warnings.warn("fasttrain AdamW: no fused backend for params on "
-                          f"{device.type} ({'; '.join(reasons) or 'unsupported device'}); "
-                          "using the torch reference implementation", stacklevel=3)
+        _backend.warn_once("adamw", device.type, "; ".join(reasons) or "unsupported device")
         return "torch"
 
     def _clip_coefs(self, buckets, inv_scales):
