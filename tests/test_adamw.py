@@ -76,17 +76,20 @@ CONFIGS = {
     "maximize": dict(lr=1e-2, maximize=True),
     "tensor_lr": dict(lr="tensor"),
     "tensor_lr_betas": dict(lr="tensor", betas="tensor"),
+    "tensor_weight_decay": dict(lr=1e-2, weight_decay="tensor"),
     "betas": dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6),
 }
 
 
-def _groups(model, config):
+def _groups(model, config, fasttrain=False):
     if config == "two_groups":
         return [{"params": model[0].parameters(), "lr": 1e-2},
                 {"params": model[2].parameters(), "weight_decay": 0.0, "lr": 3e-3}], {}
     kwargs = dict(CONFIGS[config])
     if kwargs.get("lr") == "tensor":
         kwargs["lr"] = torch.tensor(1e-2)
+    if kwargs.get("weight_decay") == "tensor":  # torch.optim.AdamW takes it as a number
+        kwargs["weight_decay"] = torch.tensor(0.1) if fasttrain else 0.1
     if kwargs.get("betas") == "tensor":
         kwargs["betas"] = (torch.tensor(0.9), torch.tensor(0.99))
     return model.parameters(), kwargs
@@ -105,7 +108,7 @@ def _steps_on_model(opt_fn, device, steps):
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_adamw_matches_torch_100_steps(device, backend, config):
     def ours(model):
-        params, kwargs = _groups(model, config)
+        params, kwargs = _groups(model, config, fasttrain=True)
         return AdamW(params, backend=backend, **kwargs)
 
     def ref(model):

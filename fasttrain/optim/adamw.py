@@ -191,8 +191,8 @@ class AdamW(Optimizer):
                                                  or b.backend in ("cpu", "torch")):
                 lr = float(lr)  # a CPU scalar read (no device sync) or the reference path
             _STEP_FNS[b.backend](
-                self, b, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
+                self, b, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
                 decoupled=group.get("decoupled_weight_decay", self._decoupled),
                 amsgrad=group["amsgrad"], maximize=group["maximize"],
                 stochastic=self.stochastic_rounding and not b.has_master
