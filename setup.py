@@ -24,7 +24,8 @@ if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
     kwargs = dict(ext_modules=[sources.extension(ROOT)], cmdclass={"build_ext": BuildExtension})
 
 setup(
-    packages=["fasttrain", "fasttrain.optim", "fasttrain.ops", "fasttrain.kernels",
+    packages=["fasttrain", "fasttrain.optim", "fasttrain.ops", "fasttrain.nn", "fasttrain.data",
+              "fasttrain.integrations", "fasttrain.kernels",
               "fasttrain.csrc", "fasttrain.csrc.adamw"],
     package_dir={"fasttrain.kernels": "kernels", "fasttrain.csrc": "csrc"},
     package_data={"fasttrain.csrc": ["*.cpp", "*.h"], "fasttrain.csrc.adamw": ["*.cpp", "*.cu", "*.h"]},

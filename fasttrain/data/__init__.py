@@ -1,0 +1,1 @@
+"""Sequence packing (cu_seqlens), length-bucketed batching and sequence-length warmup."""

@@ -1,0 +1,1 @@
+"""Glue for third-party trainers (transformers, peft, Lightning). Each submodule imports its library lazily."""
