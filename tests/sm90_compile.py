@@ -10,16 +10,22 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fasttrain.kernels import adamw
+from fasttrain.kernels import adamw, varlen_attn
 
 H100 = GPUTarget("cuda", 90, 32)
 ALIGNED_PTR = {(0,): [["tt.divisibility", 16]]}  # what Triton's launcher infers for the table
 
 
-def compile_sm90(fn, signature, constexprs, num_warps=8):
+H100_MAX_SMEM = 232448  # bytes of shared memory one H100 block may use
+
+
+def compile_sm90(fn, signature, constexprs, num_warps=8, num_stages=3, attrs=ALIGNED_PTR):
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
-    src = ASTSource(fn, sig, constexprs, attrs=ALIGNED_PTR)
-    return triton.compile(src, target=H100, options={"num_warps": num_warps})
+    src = ASTSource(fn, sig, constexprs, attrs=attrs)
+    out = triton.compile(src, target=H100, options={"num_warps": num_warps,
+                                                    "num_stages": num_stages})
+    assert out.metadata.shared <= H100_MAX_SMEM, (fn.__name__, out.metadata.shared)
+    return out
 
 
 ADAMW_SIG = {"table": "*i64", "table_addr": "i64", "n_tensors": "i32", "lr": "fp32",
@@ -68,9 +74,57 @@ def check_step_increment_and_sum_sq():
                      dict(GRAD_DTYPE=grad, CHUNK=chunk, BLOCK=block), num_warps)
 
 
+def _varlen_sig(kernel, dtype):
+    """Signature of a varlen attention kernel: tensors typed, ints i32, floats fp32; pointers
+    and strides marked 16-divisible as Triton's launcher marks them for real inputs."""
+    names = [p.name for p in kernel.params if not p.is_constexpr]
+    floats = {"qk_scale", "softcap", "sm_scale"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name.endswith("_ptr"):
+            sig[name] = ("*i32" if name.startswith(("cu_", "tiles")) else
+                         "*fp32" if name.startswith(("lse", "delta", "dlse")) else f"*{dtype}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def check_varlen_attn_kernels(dtype, head_dim, **flags):
+    torch_dtype = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    cfgs = varlen_attn.configs(head_dim, interpret=False)
+    consts = dict(dict(HEAD_DIM=head_dim, BLOCK_D=varlen_attn.block_d(head_dim), SOFTCAP=False,
+                       WINDOW_LEFT=False, WINDOW_RIGHT=False, UPCAST=False, PRECISION="tf32"),
+                  **flags)
+    for kind, kernel in (("fwd", varlen_attn._varlen_attn_fwd_kernel),
+                         ("dkdv", varlen_attn._varlen_attn_bwd_dkdv_kernel),
+                         ("dq", varlen_attn._varlen_attn_bwd_dq_kernel)):
+        cfg = dict(cfgs[kind])
+        sig, attrs = _varlen_sig(kernel, dtype)
+        compile_sm90(kernel, sig, dict(consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                     cfg["num_warps"], cfg["num_stages"], attrs)
+    kernel = varlen_attn._varlen_attn_bwd_preprocess_kernel
+    sig, attrs = _varlen_sig(kernel, dtype)
+    compile_sm90(kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_T=128, BLOCK_D=consts["BLOCK_D"],
+                                   HAS_DLSE=True), 4, 1, attrs)
+    print(f"ok varlen_attn fwd/dkdv/dq/preprocess {torch_dtype} d={head_dim} {flags}")
+
+
+VARLEN_CASES = [
+    ("bf16", 128, dict(WINDOW_RIGHT=True)),
+    ("fp16", 64, dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, SOFTCAP=True)),
+    ("bf16", 256, dict(WINDOW_RIGHT=True)),
+    ("fp16", 96, dict()),
+]
+
+
 if __name__ == "__main__":
     for dtypes, flags in ADAMW_CASES:
         check_adamw_kernel(dtypes, flags)
         print("ok _adamw_kernel", [str(d) for d in dtypes], flags)
     check_step_increment_and_sum_sq()
     print("ok _step_increment_kernel, _sum_sq_kernel")
+    for dtype, head_dim, flags in VARLEN_CASES:
+        check_varlen_attn_kernels(dtype, head_dim, **flags)

@@ -145,12 +145,15 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
     bounds); under torch.compile nothing."""
     if torch.compiler.is_compiling() or cu.numel() == 0:
         return
-    ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+    first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
     if cu.device.type == "cuda":
-        torch._assert_async(ok, f"{name} must start at 0, be non-decreasing and end at {total}")
-    elif not bool(ok):
-        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the number of "
-                         f"tokens ({total}); got {cu.tolist()}")
+        torch._assert_async(first & last & monotone,
+                            f"{name} must start at 0, be non-decreasing and end at {total}")
+        return
+    for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),
+                     (last, f"end at the number of tokens ({total})")):
+        if not bool(ok):
+            raise ValueError(f"{name} must {what}; got {cu.tolist()}")
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout_p,
