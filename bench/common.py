@@ -54,6 +54,24 @@ class BandwidthProbe:
         return {"kind": self.kind, "numel": self.numel, "bytes": self.bytes}
 
 
+class MatmulProbe:
+    """Dense matmul throughput, the yardstick for compute-bound kernels, timed along with them:
+    ``a @ b`` on square matrices, bf16 on CUDA (tensor cores), fp32 on CPU; 2 n^3 FLOPs."""
+
+    def __init__(self, device: torch.device, n: int):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gen = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+        self.kind = f"{n}x{n} {str(dtype).replace('torch.', '')} matmul"
+        self.flops = 2.0 * n ** 3
+
+    def __call__(self) -> None:
+        torch.matmul(self.a, self.b)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "flops": self.flops}
+
+
 @dataclass
 class Context:
     """What a suite's ``run(ctx)`` gets: where to run, how big, how often."""
@@ -64,6 +82,7 @@ class Context:
     warmup: int  # untimed rounds over all providers before timing
     probe: BandwidthProbe
     skipped: list = field(default_factory=list)  # "provider: reason", printed once each
+    matmul: MatmulProbe | None = None  # created by the first time_compute()
 
     @property
     def cuda(self) -> bool:
@@ -80,6 +99,15 @@ class Context:
         timings = time_interleaved({**fns, "bandwidth-probe": self.probe}, self.device, self.reps,
                                    self.warmup)
         return timings, self.probe.bytes / timings.pop("bandwidth-probe")["p50_ms"] / 1e6
+
+    def time_compute(self, fns: dict[str, Callable[[], object]]) -> tuple[dict, float]:
+        """Time ``fns`` interleaved with the matmul probe: ({name: timing}, probe TFLOP/s)."""
+        if self.matmul is None:
+            n = 8192 if self.cuda else (256 if self.sizes == "tiny" else 1024)
+            self.matmul = MatmulProbe(self.device, n)
+        timings = time_interleaved({**fns, "matmul-probe": self.matmul}, self.device, self.reps,
+                                   self.warmup)
+        return timings, self.matmul.flops / timings.pop("matmul-probe")["p50_ms"] / 1e9
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -183,36 +211,52 @@ def environment(device: torch.device, argv: list[str]) -> dict:
 
 # --- rows and output -----------------------------------------------------------------------
 
-def finish_rows(rows: list[dict], baseline: str, env: dict) -> list[dict]:
-    """Add GB/s, % of the probe (``probe_gbps``, timed with the row), speedup vs ``baseline``
-    (same workload, mode and dtype) and the environment to a suite's rows."""
-    base_ms = {(r["workload"], r["mode"], r["dtype"]): r["p50_ms"]
-               for r in rows if r["provider"] == baseline}
+def finish_rows(rows: list[dict], baseline: str | tuple[str, ...], env: dict) -> list[dict]:
+    """Add the rate (GB/s and % of the bandwidth probe for rows with ``bytes``; TFLOP/s and %
+    of the matmul probe for rows with ``flops``; probes timed with the row), the speedup vs
+    ``baseline`` (same workload, mode and dtype; a tuple names fallbacks in order, the first
+    one present is used) and the environment to a suite's rows."""
+    order = (baseline,) if isinstance(baseline, str) else tuple(baseline)
+    base = {}
+    for r in sorted((r for r in rows if r["provider"] in order),
+                    key=lambda r: -order.index(r["provider"])):
+        base[(r["workload"], r["mode"], r["dtype"])] = (r["provider"], r["p50_ms"])
     for r in rows:
-        r["gbps"] = r["bytes"] / r["p50_ms"] / 1e6
-        r["pct_of_probe"] = 100 * r["gbps"] / r["probe_gbps"]
-        base = base_ms.get((r["workload"], r["mode"], r["dtype"]))
-        r["baseline"] = baseline
-        r["speedup"] = base / r["p50_ms"] if base is not None else None
+        if "bytes" in r:
+            r["gbps"] = r["bytes"] / r["p50_ms"] / 1e6
+            r["pct_of_probe"] = 100 * r["gbps"] / r["probe_gbps"]
+        if "flops" in r:
+            r["tflops"] = r["flops"] / r["p50_ms"] / 1e9
+            r["pct_of_probe"] = 100 * r["tflops"] / r["probe_tflops"]
+        r["baseline"], base_ms = base.get((r["workload"], r["mode"], r["dtype"]), (None, None))
+        r["speedup"] = base_ms / r["p50_ms"] if base_ms is not None else None
         r.update(env)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     """One block per (kernel, workload, mode, dtype), one line per provider."""
-    header = (f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {'GB/s':>7} {'B/param':>7} "
-              f"{'% probe':>7} {'speedup':>7}  timing")
     blocks = {}
     for r in rows:
         blocks.setdefault((r["kernel"], r["workload"], r["mode"], r["dtype"]), []).append(r)
     for key, block in blocks.items():
-        print(f"\n{' / '.join(key)}  (bandwidth probe {block[0]['probe_gbps']:.1f} GB/s)")
-        print(header)
+        compute = "flops" in block[0]
+        if compute:
+            probe = f"matmul probe {block[0]['probe_tflops']:.1f} TFLOP/s"
+            rate = f"{'TFLOP/s':>8} {'% probe':>7}"
+        else:
+            probe = f"bandwidth probe {block[0]['probe_gbps']:.1f} GB/s"
+            rate = f"{'GB/s':>7} {'B/param':>7} {'% probe':>7}"
+        print(f"\n{' / '.join(key)}  ({probe})")
+        print(f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {rate} {'speedup':>7}  timing")
         for r in block:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
             spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
-            print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {r['gbps']:7.1f} "
-                  f"{r['bytes_per_param']:7.1f} {r['pct_of_probe']:6.0f}% {speedup:>7}  "
+            if compute:
+                rate = f"{r['tflops']:8.3g} {r['pct_of_probe']:6.0f}%"
+            else:
+                rate = f"{r['gbps']:7.1f} {r['bytes_per_param']:7.1f} {r['pct_of_probe']:6.0f}%"
+            print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {rate} {speedup:>7}  "
                   f"{r['timing']}")
 
 
@@ -226,6 +270,7 @@ def write_json(suite: str, rows: list[dict], ctx: Context, env: dict, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{suite}-{slug(env['device_name'])}-{stamp}.json"
     doc = {"suite": suite, "env": env, "bandwidth_probe": ctx.probe.describe(),
+           "matmul_probe": ctx.matmul.describe() if ctx.matmul else None,
            "skipped": ctx.skipped, "rows": rows}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path

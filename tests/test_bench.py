@@ -42,3 +42,27 @@ def test_adamw_suite_tiny(tmp_path):
         assert isinstance(json.loads(r["config"]), dict)
         if r["provider"] == "torch-fused":
             assert r["speedup"] == 1.0
+
+
+def test_varlen_attn_suite_tiny(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench", "--suite", "varlen_attn", "--sizes", "tiny",
+                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   timeout=600)
+    (path,) = tmp_path.glob("varlen_attn-*.json")
+    doc = json.loads(path.read_text())
+    rows = doc["rows"]
+    assert doc["matmul_probe"]["flops"] > 0
+    assert {r["provider"] for r in rows} == {"fasttrain-torch", "sdpa-padded"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    fields = (ROW_FIELDS - {"bytes", "bytes_per_param", "gbps"}) | {"flops", "tflops"}
+    for r in rows:
+        assert fields <= r.keys(), fields - r.keys()
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["tflops"] > 0 and r["pct_of_probe"] > 0 and r["speedup"] > 0
+        config = json.loads(r["config"])
+        assert config["total_tokens"] == 256 and config["nheads"] == 4
+        if r["provider"] == "sdpa-padded":
+            assert r["speedup"] == 1.0 and r["baseline"] == "sdpa-padded"
+    causal = {r["flops"] for r in rows if r["mode"] == "fwd" and "causal" in r["workload"]}
+    full = {r["flops"] for r in rows if r["mode"] == "fwd" and "full" in r["workload"]}
+    assert len(causal) == len(full) == 1 and 2 * causal.pop() == full.pop()
