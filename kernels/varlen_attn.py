@@ -22,8 +22,10 @@ Softmax runs in the log2 domain (scores pre-multiplied by ``scale * log2(e)``, `
 the returned LSE is in natural log. Rows that see no key at all get output 0 and LSE -inf.
 """
 import os
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 import triton
 import triton.language as tl
 
@@ -529,6 +531,30 @@ def tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int, n_til
     return torch.stack([seq[order], blk[order]]).to(torch.int32)
 
 
+_TILE_MAPS = WeakIdKeyDictionary()
+
+
+def cached_tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int, n_tiles: int,
+                    *, keys: bool, window_left: int, window_right: int) -> torch.Tensor:
+    """``tile_map``, built once per cu_seqlens tensor and options: every layer of a model (and
+    its backward) reuses the first layer's map. Entries die with the tensor; an in-place change
+    of either cu_seqlens (a new version) rebuilds the map."""
+    try:
+        version = (cu_seqlens._version, cu_other._version)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        return tile_map(cu_seqlens, cu_other, block, n_tiles, keys=keys,
+                        window_left=window_left, window_right=window_right)
+    entries = _TILE_MAPS.setdefault(cu_seqlens, {})
+    key = (block, n_tiles, keys, window_left, window_right)
+    hit = entries.get(key)
+    if hit is not None and hit[0]() is cu_other and hit[1] == version:
+        return hit[2]
+    tiles = tile_map(cu_seqlens, cu_other, block, n_tiles, keys=keys, window_left=window_left,
+                     window_right=window_right)
+    entries[key] = (weakref.ref(cu_other), version, tiles)
+    return tiles
+
+
 def _flags(q: torch.Tensor, softmax_scale: float, softcap: float, window_left: int,
            window_right: int, interpret: bool) -> tuple[dict, float, float]:
     head_dim = q.shape[-1]
@@ -560,8 +586,8 @@ def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float
     n_tiles = max_tiles(total_q, batch, cfg["BLOCK_M"])
     if n_tiles == 0 or nheads == 0:
         return out, lse
-    tiles = tile_map(cu_seqlens_q, cu_seqlens_k, cfg["BLOCK_M"], n_tiles, keys=False,
-                     window_left=window_left, window_right=window_right)
+    tiles = cached_tile_map(cu_seqlens_q, cu_seqlens_k, cfg["BLOCK_M"], n_tiles, keys=False,
+                            window_left=window_left, window_right=window_right)
     flags, qk_scale, cap = _flags(q, softmax_scale, softcap, window_left, window_right, interpret)
     _varlen_attn_fwd_kernel[(n_tiles * nheads,)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tiles,
@@ -605,8 +631,8 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *
     cfg = dict(cfgs["dkdv"])
     n_tiles = max_tiles(total_k, batch, cfg["BLOCK_N"])
     if n_tiles > 0 and nheads_k > 0:
-        tiles = tile_map(cu_seqlens_k, cu_seqlens_q, cfg["BLOCK_N"], n_tiles, keys=True,
-                         window_left=window_left, window_right=window_right)
+        tiles = cached_tile_map(cu_seqlens_k, cu_seqlens_q, cfg["BLOCK_N"], n_tiles, keys=True,
+                                window_left=window_left, window_right=window_right)
         _varlen_attn_bwd_dkdv_kernel[(n_tiles * nheads_k,)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, tiles,
             n_tiles, nheads_k, group, total_q, total_k,
@@ -616,8 +642,8 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *
 
     cfg = dict(cfgs["dq"])
     n_tiles = max_tiles(total_q, batch, cfg["BLOCK_M"])
-    tiles = tile_map(cu_seqlens_q, cu_seqlens_k, cfg["BLOCK_M"], n_tiles, keys=False,
-                     window_left=window_left, window_right=window_right)
+    tiles = cached_tile_map(cu_seqlens_q, cu_seqlens_k, cfg["BLOCK_M"], n_tiles, keys=False,
+                            window_left=window_left, window_right=window_right)
     _varlen_attn_bwd_dq_kernel[(n_tiles * nheads,)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tiles,
         n_tiles, nheads, group, total_q, total_k,

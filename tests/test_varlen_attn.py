@@ -176,6 +176,15 @@ def test_lse_alone_and_out_alone_are_differentiable():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_tile_maps_are_rebuilt_when_cu_seqlens_change_in_place():
+    q, k, v, cu_q, _ = make([30, 50], [30, 50], 2, 2, 16, torch.float32, "cpu")
+    for lens in ([30, 50], [70, 10]):
+        cu_q.copy_(cu(lens))  # same tensor, new contents (the map cache keys on the version)
+        out = varlen_attention(q, k, v, cu_q, cu_q, causal=True, backend="triton")
+        expected, _ = varlen_attention_reference(q, k, v, cu_q, cu_q, causal=True)
+        torch.testing.assert_close(out, expected)
+
+
 def test_backward_is_deterministic():
     q, k, v, cu_q, cu_k = make([50, 90], [50, 90], 4, 1, 32, torch.float16, "cpu")
     runs = []
