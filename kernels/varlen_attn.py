@@ -467,24 +467,31 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(head_dim: int, interpret: bool | None = None) -> dict:
+def configs(head_dim: int, dtype: torch.dtype = torch.bfloat16,
+            interpret: bool | None = None) -> dict:
     """Block sizes and launch options per kernel: {"fwd"|"dkdv"|"dq": dict(BLOCK_M, BLOCK_N,
     num_warps, num_stages)}. H100 choices, set before any GPU tuning (issue 6 tunes them);
-    the interpreter gets big blocks (it pays per program, not per element)."""
+    fp32 inputs take half-size blocks (shared memory). The interpreter gets big blocks (it
+    pays per program, not per element)."""
     if _interpret() if interpret is None else interpret:
         one = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
         return {"fwd": one, "dkdv": one, "dq": one}
     if head_dim <= 64:
-        return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        cfgs = {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
                 "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)}
-    if head_dim <= 128:
-        return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    elif head_dim <= 128:
+        cfgs = {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                 "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
-    return {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-            "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-            "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)}
+    else:
+        cfgs = {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)}
+    if dtype == torch.float32:
+        cfgs = {kind: dict(cfg, BLOCK_M=max(16, cfg["BLOCK_M"] // 2),
+                           BLOCK_N=max(16, cfg["BLOCK_N"] // 2)) for kind, cfg in cfgs.items()}
+    return cfgs
 
 
 def max_tiles(total: int, batch: int, block: int) -> int:
@@ -580,7 +587,7 @@ def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float
     total_k, nheads_k, _ = k.shape
     batch = cu_seqlens_q.numel() - 1
     interpret = q.device.type == "cpu"
-    cfg = dict((config or configs(head_dim, interpret))["fwd"])
+    cfg = dict((config or configs(head_dim, q.dtype, interpret))["fwd"])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
     n_tiles = max_tiles(total_q, batch, cfg["BLOCK_M"])
@@ -608,7 +615,7 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *
     batch = cu_seqlens_q.numel() - 1
     group = nheads // nheads_k
     interpret = q.device.type == "cpu"
-    cfgs = config or configs(head_dim, interpret)
+    cfgs = config or configs(head_dim, q.dtype, interpret)
     flags, qk_scale, cap = _flags(q, softmax_scale, softcap, window_left, window_right, interpret)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

@@ -5,6 +5,8 @@ Run by tests/test_kernels_sm90.py in a process without TRITON_INTERPRET (under t
 """
 import re
 
+import torch
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -93,10 +95,11 @@ def _varlen_sig(kernel, dtype):
 
 
 def check_varlen_attn_kernels(dtype, head_dim, **flags):
-    torch_dtype = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
-    cfgs = varlen_attn.configs(head_dim, interpret=False)
+    torch_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    cfgs = varlen_attn.configs(head_dim, getattr(torch, torch_dtype), interpret=False)
     consts = dict(dict(HEAD_DIM=head_dim, BLOCK_D=varlen_attn.block_d(head_dim), SOFTCAP=False,
-                       WINDOW_LEFT=False, WINDOW_RIGHT=False, UPCAST=False, PRECISION="tf32"),
+                       WINDOW_LEFT=False, WINDOW_RIGHT=False, UPCAST=False,
+                       PRECISION="ieee" if dtype == "fp32" else "tf32"),
                   **flags)
     for kind, kernel in (("fwd", varlen_attn._varlen_attn_fwd_kernel),
                          ("dkdv", varlen_attn._varlen_attn_bwd_dkdv_kernel),
@@ -117,6 +120,7 @@ VARLEN_CASES = [
     ("fp16", 64, dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, SOFTCAP=True)),
     ("bf16", 256, dict(WINDOW_RIGHT=True)),
     ("fp16", 96, dict()),
+    ("fp32", 128, dict(WINDOW_RIGHT=True)),
 ]
 
 
