@@ -10,7 +10,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fasttrain.kernels import adamw
+from fasttrain.kernels import adamw, lora
 
 H100 = GPUTarget("cuda", 90, 32)
 ALIGNED_PTR = {(0,): [["tt.divisibility", 16]]}  # what Triton's launcher infers for the table
@@ -68,9 +68,55 @@ def check_step_increment_and_sum_sq():
                      dict(GRAD_DTYPE=grad, CHUNK=chunk, BLOCK=block), num_warps)
 
 
+LORA_SIZES = {"M": "i32", "N": "i32", "K": "i32", "R": "i32", "RANK": "i32",
+              "m_per_split": "i32", "numel": "i32", "scale": "fp32", "p": "fp32"}
+LORA_DTYPES = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
+
+
+def _lora_sig(fn, ptrs):
+    """Signature of a lora kernel: ``ptrs`` maps pointer args to types, the rest are sizes
+    and strides (i32) or scalars."""
+    sig = {}
+    for name in fn.arg_names:
+        if fn.params[fn.arg_names.index(name)].is_constexpr:
+            continue
+        sig[name] = ptrs.get(name) or LORA_SIZES.get(name, "i32")
+    return sig
+
+
+def check_lora_kernels():
+    """Every lora kernel with the GPU's tile configs (the dots: K >= 16 in every tile): bf16
+    with every option on, fp32 (IEEE dots) and fp16 plain. A subset of the autotune configs,
+    largest tiles first: each compile takes seconds."""
+    cases = ((tl.bfloat16, True), (tl.float32, False), (tl.float16, False))
+    for dtype, options in cases:
+        name = LORA_DTYPES[dtype]
+        common = dict(UPCAST=False, IEEE=dtype == tl.float32)
+        thin = lora.configs("thin", interpret=False, dtype=dtype)[0]
+        compile_sm90(lora._lora_thin_kernel, _lora_sig(lora._lora_thin_kernel, {
+            "x": f"*{name}", "l": f"*{name}", "index": "*i64", "seed_ptr": "*i64",
+            "out": "*fp32"}), dict(common, BLOCK_R=16, DROPOUT=options, MULTI=options,
+                                   **thin.kwargs), thin.num_warps)
+        gemm = lora.configs("gemm", interpret=False, dtype=dtype)[0]
+        compile_sm90(lora._lora_gemm_kernel, _lora_sig(lora._lora_gemm_kernel, {
+            "x": f"*{name}", "w": f"*{name}", "s": "*fp32", "l": f"*{name}",
+            "bias": f"*{name}", "seed_ptr": "*i64", "out": f"*{name}"}),
+            dict(common, ROUND_BF16=False, BLOCK_R=64, HAS_BIAS=options, DROPOUT=options,
+                 **gemm.kwargs), gemm.num_warps)
+        (tall,) = lora.configs("tall", interpret=False, dtype=dtype)
+        compile_sm90(lora._lora_tall_kernel, _lora_sig(lora._lora_tall_kernel, {
+            "g": "*fp32", "x": f"*{name}", "seed_ptr": "*i64", "out": "*fp32"}),
+            dict(common, DROPOUT=options, BLOCK_R=32, **tall.kwargs), tall.num_warps)
+    compile_sm90(lora._lora_dropout_mask_kernel, {"seed_ptr": "*i64", "out": "*i8",
+                                                  "numel": "i32", "p": "fp32"},
+                 dict(BLOCK=1024), num_warps=4)
+
+
 if __name__ == "__main__":
     for dtypes, flags in ADAMW_CASES:
         check_adamw_kernel(dtypes, flags)
         print("ok _adamw_kernel", [str(d) for d in dtypes], flags)
     check_step_increment_and_sum_sq()
     print("ok _step_increment_kernel, _sum_sq_kernel")
+    check_lora_kernels()
+    print("ok _lora_thin_kernel, _lora_gemm_kernel, _lora_tall_kernel, _lora_dropout_mask_kernel")
