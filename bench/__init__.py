@@ -3,4 +3,4 @@
 A suite is a module ``bench/<family>.py`` with ``BASELINE`` (the provider speedups are relative
 to) and ``run(ctx: bench.common.Context) -> list[dict]`` (one row per provider x workload).
 """
-SUITES = ("adamw",)
+SUITES = ("adamw", "lora")
