@@ -163,6 +163,10 @@ def run(ctx: Context) -> list[dict]:
         t = make_tensors(w, dtype, ctx.device)
         fns, info = {}, {}
         for name, make in PROVIDERS.items():
+            if name == "fasttrain-triton" and not ctx.cuda:
+                ctx.skip(name, "CUDA only (the Triton interpreter on CPU is a correctness "
+                         "tool, not something to time)")
+                continue
             try:
                 fwd, inputs = make(t, w)
                 timed = _timed_fns(fwd, inputs, t["dy"])

@@ -58,7 +58,7 @@ def test_lora_suite_tiny(tmp_path):
     providers = {r["provider"] for r in rows}
     assert {"base-linear", "torch-3matmul"} <= providers
     assert ("peft" in providers) == (importlib.util.find_spec("peft") is not None)
-    # No GPU, no interpreter in the bench: the Triton provider is reported skipped, with why.
+    # On the CPU the Triton provider is reported skipped, with why (as in the adamw suite).
     assert "fasttrain-triton" not in providers
     assert any(s.startswith("fasttrain-triton: ") for s in doc["skipped"]), doc["skipped"]
     workloads = {r["workload"] for r in rows}
