@@ -272,7 +272,9 @@ def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
         return out
     dropout = dropout_p > 0
     br = block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))  # noqa: E731
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))
     _tuned("thin", x.dtype)[grid](
         x, l, index if index is not None else out, seed if dropout else _no_seed(x.device), out,
         M, K, R, rank, scale / (1.0 - dropout_p), dropout_p,
@@ -296,7 +298,9 @@ def lora_gemm(x, w, s, l, bias=None, *, scale=1.0, dropout_p=0.0, seed=None, out
         return out
     dropout = dropout_p > 0
     flags = _flags(x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _tuned("gemm", x.dtype)[grid](
         x, w, s, l, bias if bias is not None else out, seed if dropout else _no_seed(x.device),
         out, M, N, K, R, scale / (1.0 - dropout_p), dropout_p,
