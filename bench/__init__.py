@@ -1,6 +1,7 @@
 """fasttrain's benchmark harness, run as ``python -m bench`` (see bench/README.md).
 
 A suite is a module ``bench/<family>.py`` with ``BASELINE`` (the provider speedups are relative
-to; a tuple lists fallbacks) and ``run(ctx: bench.common.Context) -> list[dict]`` (one row per provider x workload).
+to; a tuple lists fallbacks) and ``run(ctx: bench.common.Context) -> list[dict]`` (one row per
+provider x workload).
 """
-SUITES = ("adamw", "varlen_attn")
+SUITES = ("adamw", "varlen_attn", "lora")

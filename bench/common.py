@@ -212,8 +212,9 @@ def environment(device: torch.device, argv: list[str]) -> dict:
 # --- rows and output -----------------------------------------------------------------------
 
 def finish_rows(rows: list[dict], baseline: str | tuple[str, ...], env: dict) -> list[dict]:
-    """Add the rate (GB/s and % of the bandwidth probe for rows with ``bytes``; TFLOP/s and %
-    of the matmul probe for rows with ``flops``; probes timed with the row), the speedup vs
+    """Add the rates (GB/s for rows with ``bytes``, TFLOP/s for rows with ``flops``) and
+    ``pct_of_probe`` against the probe the row was timed with (``probe_gbps``: bandwidth;
+    ``probe_tflops``: matmul), the speedup vs
     ``baseline`` (same workload, mode and dtype; a tuple names fallbacks in order, the first
     one present is used) and the environment to a suite's rows."""
     order = (baseline,) if isinstance(baseline, str) else tuple(baseline)
@@ -224,10 +225,12 @@ def finish_rows(rows: list[dict], baseline: str | tuple[str, ...], env: dict) ->
     for r in rows:
         if "bytes" in r:
             r["gbps"] = r["bytes"] / r["p50_ms"] / 1e6
-            r["pct_of_probe"] = 100 * r["gbps"] / r["probe_gbps"]
+            if "probe_gbps" in r:
+                r["pct_of_probe"] = 100 * r["gbps"] / r["probe_gbps"]
         if "flops" in r:
             r["tflops"] = r["flops"] / r["p50_ms"] / 1e9
-            r["pct_of_probe"] = 100 * r["tflops"] / r["probe_tflops"]
+            if "probe_tflops" in r:
+                r["pct_of_probe"] = 100 * r["tflops"] / r["probe_tflops"]
         r["baseline"], base_ms = base.get((r["workload"], r["mode"], r["dtype"]), (None, None))
         r["speedup"] = base_ms / r["p50_ms"] if base_ms is not None else None
         r.update(env)
@@ -240,7 +243,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         blocks.setdefault((r["kernel"], r["workload"], r["mode"], r["dtype"]), []).append(r)
     for key, block in blocks.items():
-        compute = "flops" in block[0]
+        compute = "probe_tflops" in block[0]
         if compute:
             probe = f"matmul probe {block[0]['probe_tflops']:.1f} TFLOP/s"
             rate = f"{'TFLOP/s':>8} {'% probe':>7}"

@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fasttrain.kernels import adamw, varlen_attn
+from fasttrain.kernels import adamw, lora, varlen_attn
 
 H100 = GPUTarget("cuda", 90, 32)
 ALIGNED_PTR = {(0,): [["tt.divisibility", 16]]}  # what Triton's launcher infers for the table
@@ -122,6 +122,48 @@ VARLEN_CASES = [
     ("fp16", 96, dict()),
     ("fp32", 128, dict(WINDOW_RIGHT=True)),
 ]
+LORA_SIZES = {"M": "i32", "N": "i32", "K": "i32", "R": "i32", "RANK": "i32",
+              "m_per_split": "i32", "numel": "i32", "scale": "fp32", "p": "fp32"}
+LORA_DTYPES = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
+
+
+def _lora_sig(fn, ptrs):
+    """Signature of a lora kernel: ``ptrs`` maps pointer args to types, the rest are sizes
+    and strides (i32) or scalars."""
+    sig = {}
+    for name in fn.arg_names:
+        if fn.params[fn.arg_names.index(name)].is_constexpr:
+            continue
+        sig[name] = ptrs.get(name) or LORA_SIZES.get(name, "i32")
+    return sig
+
+
+def check_lora_kernels():
+    """Every lora kernel with the GPU's tile configs (the dots: K >= 16 in every tile): bf16
+    with every option on, fp32 (IEEE dots) and fp16 plain. A subset of the autotune configs,
+    largest tiles first: each compile takes seconds."""
+    cases = ((tl.bfloat16, True), (tl.float32, False), (tl.float16, False))
+    for dtype, options in cases:
+        name = LORA_DTYPES[dtype]
+        common = dict(UPCAST=False, IEEE=dtype == tl.float32)
+        thin = lora.configs("thin", interpret=False, dtype=dtype)[0]
+        compile_sm90(lora._lora_thin_kernel, _lora_sig(lora._lora_thin_kernel, {
+            "x": f"*{name}", "l": f"*{name}", "index": "*i64", "seed_ptr": "*i64",
+            "out": "*fp32"}), dict(common, BLOCK_R=16, DROPOUT=options, MULTI=options,
+                                   **thin.kwargs), thin.num_warps)
+        gemm = lora.configs("gemm", interpret=False, dtype=dtype)[0]
+        compile_sm90(lora._lora_gemm_kernel, _lora_sig(lora._lora_gemm_kernel, {
+            "x": f"*{name}", "w": f"*{name}", "s": "*fp32", "l": f"*{name}",
+            "bias": f"*{name}", "seed_ptr": "*i64", "out": f"*{name}"}),
+            dict(common, ROUND_BF16=False, BLOCK_R=64, HAS_BIAS=options, DROPOUT=options,
+                 **gemm.kwargs), gemm.num_warps)
+        (tall,) = lora.configs("tall", interpret=False, dtype=dtype)
+        compile_sm90(lora._lora_tall_kernel, _lora_sig(lora._lora_tall_kernel, {
+            "g": "*fp32", "x": f"*{name}", "seed_ptr": "*i64", "out": "*fp32"}),
+            dict(common, DROPOUT=options, BLOCK_R=32, **tall.kwargs), tall.num_warps)
+    compile_sm90(lora._lora_dropout_mask_kernel, {"seed_ptr": "*i64", "out": "*i8",
+                                                  "numel": "i32", "p": "fp32"},
+                 dict(BLOCK=1024), num_warps=4)
 
 
 if __name__ == "__main__":
@@ -132,3 +174,5 @@ if __name__ == "__main__":
     print("ok _step_increment_kernel, _sum_sq_kernel")
     for dtype, head_dim, flags in VARLEN_CASES:
         check_varlen_attn_kernels(dtype, head_dim, **flags)
+    check_lora_kernels()
+    print("ok _lora_thin_kernel, _lora_gemm_kernel, _lora_tall_kernel, _lora_dropout_mask_kernel")

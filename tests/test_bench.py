@@ -66,3 +66,32 @@ def test_varlen_attn_suite_tiny(tmp_path):
     causal = {r["flops"] for r in rows if r["mode"] == "fwd" and "causal" in r["workload"]}
     full = {r["flops"] for r in rows if r["mode"] == "fwd" and "full" in r["workload"]}
     assert len(causal) == len(full) == 1 and 2 * causal.pop() == full.pop()
+LORA_FIELDS = ROW_FIELDS | {"flops", "tflops", "saved_bytes", "peak_bytes"}
+
+
+def test_lora_suite_tiny(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench", "--suite", "lora", "--sizes", "tiny",
+                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   timeout=600)
+    (path,) = tmp_path.glob("lora-*.json")
+    doc = json.loads(path.read_text())
+    rows = doc["rows"]
+
+    providers = {r["provider"] for r in rows}
+    assert {"base-linear", "torch-3matmul"} <= providers
+    assert ("peft" in providers) == (importlib.util.find_spec("peft") is not None)
+    # On the CPU the Triton provider is reported skipped, with why (as in the adamw suite).
+    assert "fasttrain-triton" not in providers
+    assert any(s.startswith("fasttrain-triton: ") for s in doc["skipped"]), doc["skipped"]
+    workloads = {r["workload"] for r in rows}
+    assert len(workloads) == 2 and {"p=0.0", "p=0.1"} == {w.split()[-1] for w in workloads}
+    assert {(r["workload"], r["mode"]) for r in rows} == {
+        (w, m) for w in workloads for m in ("fwd", "bwd", "fwd+bwd")}
+    for r in rows:
+        assert LORA_FIELDS <= r.keys(), LORA_FIELDS - r.keys()
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["gbps"] > 0 and r["tflops"] > 0 and r["speedup"] > 0
+        config = json.loads(r["config"])
+        assert r["workload"].startswith(f"M={config['M']} K={config['K']}")
+        if r["provider"] == "base-linear":
+            assert r["speedup"] == 1.0

@@ -18,4 +18,4 @@ def test_triton_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 6 + len(VARLEN_CASES), proc.stdout
+    assert proc.stdout.count("ok ") == 7 + len(VARLEN_CASES), proc.stdout

@@ -1,0 +1,124 @@
+"""Make a peft model's LoRA Linear layers run ``fasttrain.ops.lora_linear``.
+
+``fuse_lora(model)`` rebinds ``forward`` of every peft ``lora.Linear`` that it can run fused:
+one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.Linear base
+layer that is not ``fan_in_fan_out``, nn.Dropout or no dropout. Other layers stay on peft's
+path; the returned report says which and why. At call time the fused forward hands back to
+peft's own forward whenever the layer no longer qualifies (adapters disabled or merged, another
+adapter set active, extra forward arguments such as ``adapter_names``, x not in the base
+weight's dtype). Adapter weights kept in fp32 over a bf16/fp16 base (peft's
+autocast_adapter_dtype) are cast to the base dtype for the fused op (the gradients flow back to
+the fp32 parameters). ``unfuse_lora(model)`` or ``report.undo()`` restores peft's forward.
+peft is imported lazily; it is not a dependency of fasttrain.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fasttrain.ops.lora import DTYPES, lora_linear
+
+_MARK = "_fasttrain_lora"
+
+
+@dataclass
+class FuseReport:
+    """What ``fuse_lora`` did: module names fused, and {name: reason} for those not fused."""
+
+    model: nn.Module = field(repr=False)
+    fused: list = field(default_factory=list)
+    not_fused: dict = field(default_factory=dict)
+
+    @property
+    def n_fused(self) -> int:
+        return len(self.fused)
+
+    @property
+    def n_not_fused(self) -> int:
+        return len(self.not_fused)
+
+    def undo(self) -> int:
+        """Restore peft's forward on the fused layers; returns how many were restored."""
+        return unfuse_lora(self.model)
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as e:
+        raise ImportError("fasttrain.integrations.peft needs peft (pip install peft)") from e
+    return Linear
+
+
+def _why_not(module) -> str | None:
+    """None if ``module`` (a peft lora.Linear) can run fused now, else the reason."""
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} active adapters (fused: exactly one)"
+    name = active[0]
+    if name not in module.lora_A:
+        return f"active adapter {name!r} has no LoRA weights in this layer"
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
+        return "a LoRA variant (DoRA, ...) is active"
+    if getattr(module, "lora_bias", {}).get(name):
+        return "lora_bias=True"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear) or base.weight.dtype not in DTYPES:
+        return f"base layer {type(base).__name__} with {base.weight.dtype} weights is not a " \
+               "float nn.Linear"
+    if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(module.lora_dropout[name]).__name__}"
+    if module.merged:
+        return "adapter weights are merged into the base layer"
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    name = getattr(self, _MARK)[0]
+    if args or kwargs or self.disable_adapters or x.dtype != self.get_base_layer().weight.dtype \
+            or _why_not(self) is not None or list(self.active_adapters) != [name]:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    lora_a = self.lora_A[name].weight.to(x.dtype)
+    lora_b = self.lora_B[name].weight.to(x.dtype)
+    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]), p)
+
+
+def fuse_lora(model: nn.Module) -> FuseReport:
+    """Patch every fusable peft LoRA Linear of ``model`` in place; returns a FuseReport."""
+    linear_cls = _lora_linear_class()
+    report = FuseReport(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, linear_cls):
+            continue
+        if hasattr(module, _MARK):
+            report.fused.append(name)
+            continue
+        reason = _why_not(module)
+        if reason is not None:
+            report.not_fused[name] = reason
+            continue
+        setattr(module, _MARK, (list(module.active_adapters)[0], module.__dict__.get("forward")))
+        module.forward = types.MethodType(_fused_forward, module)
+        report.fused.append(name)
+    return report
+
+
+def unfuse_lora(model: nn.Module) -> int:
+    """Undo ``fuse_lora``: peft's forward again on every patched layer; returns the count."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, _MARK):
+            _, previous = getattr(module, _MARK)
+            del module.forward
+            if previous is not None:
+                module.forward = previous
+            delattr(module, _MARK)
+            count += 1
+    return count

@@ -1,0 +1,89 @@
+"""LoRALinear: a frozen nn.Linear plus a trainable low-rank update, on the fused op."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fasttrain.ops.lora import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * dropout(x) A^T B^T, computed by ``fasttrain.ops.lora_linear``.
+
+    Built from what a peft LoRA layer is built from: ``base_layer`` (an nn.Linear, kept as a
+    submodule; its weight and bias are frozen unless ``freeze_base=False``), ``r``,
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora`` (scaling lora_alpha / sqrt(r) instead of
+    lora_alpha / r) and ``init_lora_weights`` (True: A Kaiming-uniform, B zero, as peft; False:
+    both random, for tests). ``lora_A``: (r, in_features), ``lora_B``: (out_features, r), in the
+    base weight's dtype and device. ``merge()`` folds the update into the base weight (forward is
+    then the base layer alone); ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8.0,
+                 lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init_lora_weights: bool = True, freeze_base: bool = True, backend=None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.base_layer = base_layer
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.use_rslora, self.backend = use_rslora, backend
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, w.shape[1], dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.empty(w.shape[0], r, dtype=w.dtype, device=w.device))
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+        if freeze_base:
+            base_layer.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A (out_features, in_features), computed in fp32."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        p = self.lora_dropout if self.training else 0.0
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A,
+                           self.lora_B, self.scaling, p, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"scaling={self.scaling:.4g}, merged={self.merged}")

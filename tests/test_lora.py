@@ -1,0 +1,430 @@
+"""fasttrain.ops.lora_linear / lora_linear_multi, LoRALinear and the peft integration.
+
+Every check compares with the torch reference in float64 given the same dropout mask: forward
+and every gradient. Low precision: the fused error must be at most 2x the error of the same
+computation done by torch in that dtype, plus a floor of one unit of the dtype's precision
+(relative to the largest element). CPU runs the Triton kernels under the interpreter at small
+sizes; the ``gpu`` tests run the same bodies at real sizes.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fasttrain import _backend
+from fasttrain.kernels import lora as kernels
+from fasttrain.nn import LoRALinear
+from fasttrain.ops import lora as ops
+from fasttrain.ops import lora_linear, lora_linear_multi, lora_linear_reference
+from tests.helpers import assert_close, rel_max_diff
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: torch.finfo(torch.float16).eps,
+         torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+@pytest.fixture
+def fixed_seed(monkeypatch):
+    """lora_linear draws its dropout seed from here: a known seed lets the test rebuild the
+    mask (kernels.dropout_keep_mask) for the reference."""
+    seeds = []
+
+    def seed(dropout_p, device):
+        if dropout_p == 0:
+            return None
+        seeds.append(torch.tensor([1234 + len(seeds)], dtype=torch.int64, device=device))
+        return seeds[-1]
+    monkeypatch.setattr(ops, "_seed", seed)
+    return seeds
+
+
+def _randn(shape, dtype, device, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
+
+
+def _inputs(device, dtype, lead, K, N, r, *, bias, n_adapters=None, seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    a_shape = (r, K) if n_adapters is None else (n_adapters, r, K)
+    b_shape = (N, r) if n_adapters is None else (n_adapters, N, r)
+    t = dict(x=_randn((*lead, K), dtype, device, gen),
+             weight=_randn((N, K), dtype, device, gen, K ** -0.5),
+             bias=_randn((N,), dtype, device, gen) if bias else None,
+             lora_A=_randn(a_shape, dtype, device, gen, K ** -0.5),
+             lora_B=_randn(b_shape, dtype, device, gen, r ** -0.5))
+    dy = _randn((*lead, N), dtype, device, gen)
+    return t, dy
+
+
+def _grads(fn, tensors, dy, trainable):
+    """(output, {name: grad}) of fn(**leaves) with the given names requiring grad."""
+    leaves = {k: (v.detach().requires_grad_(k in trainable) if v is not None else None)
+              for k, v in tensors.items()}
+    out = fn(**leaves)
+    out.backward(dy)
+    return out.detach(), {k: leaves[k].grad for k in trainable}
+
+
+def _check(fused, ref64, same_dtype, dtype, name):
+    tol = 2 * rel_max_diff(same_dtype, ref64) + FLOOR[dtype]
+    assert_close(fused, ref64, rel=tol, name=f"{name} ({dtype})")
+
+
+def check_lora(device, dtype, lead, K, N, r, *, bias=True, weight_grad=False, dropout_p=0.0,
+               n_adapters=None, seeds=None):
+    """fasttrain vs the float64 reference (and torch in ``dtype``), forward and gradients."""
+    t, dy = _inputs(device, dtype, lead, K, N, r, bias=bias, n_adapters=n_adapters)
+    trainable = ["x", "lora_A", "lora_B"] + (["weight"] if weight_grad else []) \
+        + (["bias"] if bias and weight_grad else [])
+    scaling = 1.7
+    if n_adapters is None:
+        def fused(**a):
+            return lora_linear(**a, scaling=scaling, dropout_p=dropout_p)
+        ref = lora_linear_reference
+    else:
+        index = torch.randint(-1, n_adapters, lead, generator=torch.Generator().manual_seed(1))
+        index = index.to(device)
+        assert (index >= 0).any() and (index < 0).any() or index.numel() < 4
+
+        def fused(**a):
+            return lora_linear_multi(**a, adapter_index=index, scaling=scaling,
+                                     dropout_p=dropout_p)
+
+        def ref(*args, **kw):
+            return ops.lora_linear_multi_reference(*args[:5], index, *args[5:], **kw)
+    y, g = _grads(fused, t, dy, trainable)
+    mask = None
+    if dropout_p > 0:
+        (seed,) = seeds[-1:]
+        mask = kernels.dropout_keep_mask(seed, (math.prod(lead), K), dropout_p, device)
+        mask = mask.reshape(*lead, K)
+
+    def reference(upcast_to):
+        def fn(**a):
+            a = {k: (v.to(upcast_to) if v is not None else None) for k, v in a.items()}
+            return ref(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], scaling,
+                       dropout_p, dropout_mask=mask)
+        return fn
+    y64, g64 = _grads(reference(torch.float64), t, dy.double(), trainable)
+    y_same, g_same = _grads(reference(dtype), t, dy, trainable)
+    _check(y, y64, y_same, dtype, "y")
+    for name in trainable:
+        _check(g[name], g64[name], g_same[name], dtype, f"d{name}")
+
+
+# --- single adapter -------------------------------------------------------------------------
+
+SHAPES = [((1,), 40, 24, 1), ((17,), 70, 45, 8), ((3, 6), 33, 50, 16), ((1000,), 72, 40, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N,r", SHAPES)
+@pytest.mark.parametrize("bias,weight_grad", [(True, False), (False, True)],
+                         ids=["bias-frozenW", "nobias-trainW"])
+def test_lora_linear_matches_reference(dtype, lead, K, N, r, bias, weight_grad):
+    check_lora("cpu", dtype, lead, K, N, r, bias=bias, weight_grad=weight_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N,r", [((17,), 70, 45, 8), ((130,), 100, 60, 16)])
+def test_lora_linear_dropout_matches_reference_with_same_mask(dtype, lead, K, N, r, fixed_seed):
+    # The reference gets the mask the kernels draw from the seed; forward (s) and backward
+    # (dx, dA) each regenerate it, so matching every gradient shows they use the same mask.
+    check_lora("cpu", dtype, lead, K, N, r, bias=True, weight_grad=True, dropout_p=0.3,
+               seeds=fixed_seed)
+
+
+def test_dropout_mask_keep_ratio_and_seeds():
+    p, shape = 0.3, (300, 257)
+    seed = torch.tensor([7])
+    keep = kernels.dropout_keep_mask(seed, shape, p, "cpu")
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    assert torch.equal(keep, kernels.dropout_keep_mask(seed, shape, p, "cpu"))
+    other = kernels.dropout_keep_mask(torch.tensor([8]), shape, p, "cpu")
+    assert (keep != other).float().mean().item() > 0.25  # independent masks: 2p(1-p) = 0.42
+
+
+def test_dropout_draws_from_torch_generator():
+    t, _ = _inputs("cpu", torch.float32, (20,), 48, 32, 8, bias=False)
+    ys = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        ys.append(lora_linear(**t, scaling=2.0, dropout_p=0.5))
+    no_dropout = lora_linear(**t, scaling=2.0)
+    assert torch.equal(ys[0], ys[1])
+    assert not torch.equal(ys[0], ys[2])
+    assert not torch.equal(ys[0], no_dropout)
+
+
+# --- several adapters -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N,r,n_adapters,dropout_p",
+                         [((37,), 50, 40, 4, 3, 0.0), ((5, 20), 64, 70, 8, 4, 0.2)])
+def test_lora_linear_multi_matches_reference(dtype, lead, K, N, r, n_adapters, dropout_p,
+                                             fixed_seed):
+    check_lora("cpu", dtype, lead, K, N, r, bias=True, weight_grad=False, dropout_p=dropout_p,
+               n_adapters=n_adapters, seeds=fixed_seed)
+
+
+def test_multi_with_one_adapter_equals_single():
+    t, _ = _inputs("cpu", torch.float32, (19,), 40, 30, 8, bias=True)
+    multi = dict(t, lora_A=t["lora_A"][None], lora_B=t["lora_B"][None])
+    index = torch.zeros(19, dtype=torch.int32)
+    y = lora_linear_multi(**multi, adapter_index=index, scaling=0.5)
+    assert_close(y, lora_linear(**t, scaling=0.5), rel=1e-6, name="y")
+
+
+# --- validation, backends -------------------------------------------------------------------
+
+def _bad(**changes):
+    t, _ = _inputs("cpu", torch.float32, (4,), 16, 12, 4, bias=True)
+    t.update(scaling=1.0)
+    t.update(changes)
+    return t
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(x=torch.randn(4, 15)), ValueError, "x's last dim"),
+    (dict(weight=torch.randn(12, 16, 1)), ValueError, "weight"),
+    (dict(bias=torch.randn(11)), ValueError, "bias"),
+    (dict(lora_A=torch.randn(4, 15)), ValueError, "lora_A"),
+    (dict(lora_B=torch.randn(12, 5)), ValueError, "lora_B.*rank r=4"),
+    (dict(lora_B=torch.randn(12, 4, dtype=torch.float64)), TypeError, "lora_B.*dtype"),
+    (dict(x=torch.randn(4, 16).half()), TypeError, "weight.*dtype"),
+    (dict(x=torch.randint(0, 3, (4, 16))), TypeError, "x must be float32"),
+    (dict(lora_A=torch.randn(4, 16, device="meta")), ValueError, "lora_A.*device"),
+    (dict(scaling=float("nan")), TypeError, "scaling"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
+])
+def test_validation_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        lora_linear(**_bad(**changes))
+
+
+def test_multi_validation_errors():
+    t = _bad(lora_A=torch.randn(2, 4, 16), lora_B=torch.randn(2, 12, 4))
+    with pytest.raises(TypeError, match="adapter_index"):
+        lora_linear_multi(**t, adapter_index=torch.zeros(4))
+    with pytest.raises(ValueError, match="adapter_index"):
+        lora_linear_multi(**t, adapter_index=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear_multi(**dict(t, lora_B=torch.randn(3, 12, 4)),
+                          adapter_index=torch.zeros(4, dtype=torch.int64))
+
+
+def test_backends(monkeypatch):
+    t = _bad()
+    ref = lora_linear_reference(**t)
+    assert_close(lora_linear(**t, backend="torch"), ref, rel=1e-6, name="torch backend")
+    assert_close(lora_linear(**t, backend="triton"), ref, rel=1e-5, name="triton backend")
+    with pytest.raises(ValueError, match="backends are 'triton' and 'torch'"):
+        lora_linear(**t, backend="cuda")
+    monkeypatch.setattr(_backend, "triton_unavailable_reason", lambda device: "no reason here")
+    with pytest.raises(RuntimeError, match="no reason here"):
+        lora_linear(**t, backend="triton")
+    monkeypatch.setattr(_backend, "_logged", set())
+    with pytest.warns(UserWarning, match="lora.*torch reference"):
+        y = lora_linear(**t)
+    assert_close(y, ref, rel=1e-6, name="fallback")
+
+
+# --- torch.library ----------------------------------------------------------------------------
+
+def test_opcheck():
+    t, dy = _inputs("cpu", torch.float32, (20,), 40, 24, 8, bias=True)
+    args = [t["x"].requires_grad_(), t["weight"], t["bias"], t["lora_A"].requires_grad_(),
+            t["lora_B"].requires_grad_()]
+    seed = torch.tensor([5])
+    index = torch.randint(-1, 2, (20,))
+    a_cat = torch.randn(16, 40, requires_grad=True)
+    b_cat = torch.randn(24, 16, requires_grad=True)
+    for call in ((*args, None, None, 0.5, 0.0, 8), (*args, seed, None, 0.5, 0.25, 8),
+                 (args[0], args[1], None, a_cat, b_cat, seed, index, 2.0, 0.1, 8)):
+        torch.library.opcheck(torch.ops.fasttrain.lora_linear_fwd.default, call)
+    x, w, _, a, b = (v.detach() for v in args)
+    s = torch.randn(20, 8)
+    for need_dx in (True, False):
+        torch.library.opcheck(torch.ops.fasttrain.lora_linear_bwd.default,
+                              (dy, x, w, a, b, s, seed, None, 0.5, 0.25, 8, need_dx))
+
+
+def test_torch_compile_fullgraph_module():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 40), r=8, lora_alpha=16, init_lora_weights=False)
+    model = nn.Sequential(layer, nn.GELU())
+    x = torch.randn(2, 9, 48, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    got = [x.grad, layer.lora_A.grad, layer.lora_B.grad]
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    assert_close(y, y_eager, rel=1e-6, name="y")
+    for name, g, e in zip(("dx", "dA", "dB"), got, (x.grad, layer.lora_A.grad,
+                                                     layer.lora_B.grad)):
+        assert_close(g, e, rel=1e-6, name=name)
+
+
+# --- LoRALinear -------------------------------------------------------------------------------
+
+def test_lora_linear_module_merge_and_scaling():
+    torch.manual_seed(0)
+    base = nn.Linear(40, 30)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True)
+    assert layer.scaling == 8 / math.sqrt(4)
+    assert not base.weight.requires_grad and layer.lora_A.requires_grad
+    x = torch.randn(7, 40)
+    layer.eval()
+    assert_close(layer(x), base(x), rel=1e-6, name="B = 0 at init")
+    nn.init.normal_(layer.lora_B)
+    expected = base(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    y = layer(x)
+    assert_close(y, expected, rel=1e-5, name="unmerged")
+    layer.merge()
+    assert layer.merged and not torch.equal(base.weight, w0)
+    assert_close(layer(x), y, rel=1e-5, name="merged")
+    layer.unmerge()
+    assert_close(base.weight, w0, rel=1e-6, name="weight after unmerge")
+    layer.train()
+    torch.manual_seed(3)
+    y_train = layer(x)
+    assert not torch.allclose(y_train, y)  # dropout on in training
+    with pytest.raises(TypeError, match="base_layer"):
+        LoRALinear(nn.Conv1d(3, 3, 1))
+
+
+# --- peft -------------------------------------------------------------------------------------
+
+class _TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 48)
+        self.fc2 = nn.Linear(48, 40)
+        self.head = nn.Linear(40, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _peft_model(dropout=0.0, **config):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["fc1", "fc2"],
+                     init_lora_weights=False, **config)
+    return get_peft_model(_TinyMLP(), cfg)
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fuse_lora_same_outputs_grads_and_undo():
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    x = torch.randn(3, 11, 32)
+    y_peft = model(x)
+    y_peft.square().mean().backward()
+    g_peft = _lora_grads(model)
+    model.zero_grad()
+
+    report = fuse_lora(model)
+    assert report.n_fused == 2 and report.n_not_fused == 0, report
+    y = model(x)
+    y.square().mean().backward()
+    assert_close(y, y_peft, rel=1e-5, name="y")
+    g = _lora_grads(model)
+    assert g.keys() == g_peft.keys() and len(g) == 4
+    for name in g:
+        assert_close(g[name], g_peft[name], rel=1e-5, name=name)
+
+    with model.disable_adapter():  # falls back to peft's path at call time: the base model
+        assert_close(model(x), model.get_base_model().head(torch.relu(
+            model.get_base_model().fc2.base_layer(torch.relu(
+                model.get_base_model().fc1.base_layer(x))))), rel=1e-6, name="disabled")
+    assert report.undo() == 2
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert_close(model(x), y_peft, rel=1e-6, name="after undo")
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fuse_lora_trains_with_dropout():
+    from fasttrain.integrations.peft import fuse_lora, unfuse_lora
+
+    model = _peft_model(dropout=0.1)
+    assert fuse_lora(model).n_fused == 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=gen)
+    target = torch.randn(64, 5, generator=gen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert unfuse_lora(model) == 2
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fuse_lora_reports_what_it_leaves_on_peft():
+    from fasttrain.integrations.peft import fuse_lora
+
+    report = fuse_lora(_peft_model(use_dora=True))
+    assert report.n_fused == 0 and set(report.not_fused) == {"base_model.model.fc1",
+                                                             "base_model.model.fc2"}
+    assert all("variant" in why for why in report.not_fused.values()), report.not_fused
+
+
+# --- real sizes on a GPU ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N,r", [((8192,), 4096, 4096, 16), ((1000,), 1000, 3000, 64),
+                                        ((2, 517), 4096, 1024, 128)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_lora_linear_gpu(dtype, lead, K, N, r, dropout_p, fixed_seed):
+    check_lora("cuda", dtype, lead, K, N, r, bias=True, weight_grad=dropout_p == 0,
+               dropout_p=dropout_p, seeds=fixed_seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_linear_multi_gpu(dtype, fixed_seed):
+    check_lora("cuda", dtype, (4096,), 2048, 2048, 16, bias=True, dropout_p=0.1, n_adapters=4,
+               seeds=fixed_seed)
+
+
+@pytest.mark.gpu
+def test_dropout_mask_keep_ratio_gpu():
+    p = 0.1
+    keep = kernels.dropout_keep_mask(torch.tensor([3], device="cuda"), (8192, 4096), p, "cuda")
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+
+
+@pytest.mark.gpu
+def test_fused_saves_less_than_peft_style_gpu():
+    # Saved activations beyond x: s (M x r, fp32), no dropped copy of x, no fp32 copy.
+    t, dy = _inputs("cuda", torch.bfloat16, (8192,), 4096, 4096, 16, bias=False)
+    for k in ("x", "lora_A", "lora_B"):
+        t[k].requires_grad_()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = lora_linear(**t, scaling=2.0, dropout_p=0.1)
+    saved = torch.cuda.memory_allocated() - before - y.nbytes
+    assert saved <= 8192 * 16 * 4 + 64 * 1024, saved
+    y.backward(dy)
+    assert all(torch.isfinite(t[k].grad).all() for k in ("x", "lora_A", "lora_B"))
