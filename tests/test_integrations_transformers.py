@@ -1,0 +1,164 @@
+"""attn_implementation="fasttrain" in Hugging Face models: the same outputs and gradients as
+``sdpa`` (``eager`` for Gemma 2) on tiny random-init Llama-, Mistral-, Qwen2- and Gemma2-style
+models, for padded, unpadded and packed batches; and peft's fuse_lora inside a full model."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fasttrain.integrations.transformers import register  # noqa: E402
+from fasttrain.optim import AdamW  # noqa: E402
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256, attention_dropout=0.0)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=1,
+                                                  sliding_window=8),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2,
+                                              use_sliding_window=True, sliding_window=6,
+                                              max_window_layers=1),
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16,
+                                                sliding_window=8, attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=None),
+}
+BASELINE = {"gemma2": "eager"}  # logit softcap: transformers runs Gemma 2 eagerly for it
+
+
+def models(arch, name="fasttrain", dtype=torch.float32):
+    """(baseline model, fasttrain model) with the same random weights."""
+    torch.manual_seed(0)
+    cfg = CONFIGS[arch]()
+    ref = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation=BASELINE.get(arch, "sdpa")).to(dtype)
+    fast = transformers.AutoModelForCausalLM.from_config(
+        copy.deepcopy(cfg), attn_implementation=name).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.config._attn_implementation == name
+    return ref.eval(), fast.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register()
+    register("fasttrain-triton", backend="triton")  # the kernels, under the interpreter on CPU
+
+
+def padded_batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (3, 20), generator=gen)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, 15:] = 0  # right padding
+    mask[2, :7] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_unpadded_and_padded_batches_match_the_baseline(arch):
+    ref, fast = models(arch)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+        got, expected = fast(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    real = mask.bool()  # padding positions are not compared (fasttrain writes zeros there)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_packed_rows_match_each_sequence_alone(arch):
+    ref, fast = models(arch)
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 128, (n,), generator=gen) for n in (5, 13, 1, 9)]
+    expected = torch.cat([ref(s[None]).logits[0] for s in seqs]).detach()
+    # position ids restarting at 0
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        got = fast(packed, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # transformers' DataCollatorWithFlattening with FlashAttention kwargs (no host sync)
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])
+    assert "cu_seq_lens_q" in batch
+    with torch.no_grad():
+        got = fast(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_match_the_baseline_on_a_padded_batch():
+    ref, fast = models("mistral")
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for model in (ref, fast):
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_triton_kernels_in_a_model():
+    ref, fast = models("llama", name="fasttrain-triton")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        got, expected = fast(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_error_within_twice_the_sdpa_bf16_error():
+    ref32, _ = models("llama")
+    ref16, fast16 = models("llama", dtype=torch.bfloat16)
+    ids, mask = padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        truth = ref32(ids, attention_mask=mask).logits[real].double()
+        err_fast = (fast16(ids, attention_mask=mask).logits[real].double() - truth).abs().max()
+        err_sdpa = (ref16(ids, attention_mask=mask).logits[real].double() - truth).abs().max()
+    assert err_fast <= 2 * err_sdpa + 1e-3 * truth.abs().max(), (err_fast, err_sdpa)
+
+
+def test_attention_dropout_in_training_is_refused():
+    cfg = transformers.LlamaConfig(**dict(SMALL, attention_dropout=0.1), num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fasttrain")
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        model.train()(torch.randint(0, 128, (1, 8)))
+
+
+def test_fuse_lora_inside_a_model_and_training():
+    peft = pytest.importorskip("peft")
+    from fasttrain.integrations.peft import fuse_lora
+
+    _, base = models("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    before = model(ids, attention_mask=mask, labels=labels)
+    before.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    report = fuse_lora(model)
+    assert report.n_fused == 4 and report.n_not_fused == 0  # q_proj and v_proj of 2 layers
+    after = model(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-5)
+    after.loss.backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4,
+                                   atol=1e-6, msg=name)
+
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert report.undo() == 4
