@@ -4,4 +4,4 @@ A suite is a module ``bench/<family>.py`` with ``BASELINE`` (the provider speedu
 to; a tuple lists fallbacks) and ``run(ctx: bench.common.Context) -> list[dict]`` (one row per
 provider x workload).
 """
-SUITES = ("adamw", "varlen_attn", "lora")
+SUITES = ("adamw", "varlen_attn", "lora", "e2e")

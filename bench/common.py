@@ -237,30 +237,37 @@ def finish_rows(rows: list[dict], baseline: str | tuple[str, ...], env: dict) ->
     return rows
 
 
+def _rate(r: dict) -> str:
+    """The row's rate for the table: TFLOP/s, GB/s or tokens/s, with % of its probe."""
+    pct = f" {r['pct_of_probe']:5.0f}%" if "pct_of_probe" in r else ""
+    if "tflops" in r:
+        return f"{r['tflops']:8.3g} TFLOP/s{pct}"
+    if "gbps" in r:
+        return f"{r['gbps']:8.1f} GB/s ({r['bytes_per_param']:.0f} B/param){pct}"
+    if "tokens_per_s" in r:
+        return f"{r['tokens_per_s']:8.0f} tokens/s"
+    return ""
+
+
 def print_table(rows: list[dict]) -> None:
     """One block per (kernel, workload, mode, dtype), one line per provider."""
     blocks = {}
     for r in rows:
         blocks.setdefault((r["kernel"], r["workload"], r["mode"], r["dtype"]), []).append(r)
     for key, block in blocks.items():
-        compute = "probe_tflops" in block[0]
-        if compute:
-            probe = f"matmul probe {block[0]['probe_tflops']:.1f} TFLOP/s"
-            rate = f"{'TFLOP/s':>8} {'% probe':>7}"
-        else:
-            probe = f"bandwidth probe {block[0]['probe_gbps']:.1f} GB/s"
-            rate = f"{'GB/s':>7} {'B/param':>7} {'% probe':>7}"
-        print(f"\n{' / '.join(key)}  ({probe})")
-        print(f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {rate} {'speedup':>7}  timing")
+        probe = ""
+        if "probe_tflops" in block[0]:
+            probe = f"  (matmul probe {block[0]['probe_tflops']:.1f} TFLOP/s)"
+        elif "probe_gbps" in block[0]:
+            probe = f"  (bandwidth probe {block[0]['probe_gbps']:.1f} GB/s)"
+        print(f"\n{' / '.join(key)}{probe}")
+        print(f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {'speedup':>7}  "
+              f"{'rate':32} timing")
         for r in block:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
             spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
-            if compute:
-                rate = f"{r['tflops']:8.3g} {r['pct_of_probe']:6.0f}%"
-            else:
-                rate = f"{r['gbps']:7.1f} {r['bytes_per_param']:7.1f} {r['pct_of_probe']:6.0f}%"
-            print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {rate} {speedup:>7}  "
-                  f"{r['timing']}")
+            print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {speedup:>7}  "
+                  f"{_rate(r):32} {r['timing']}")
 
 
 def slug(text: str) -> str:

@@ -1,6 +1,7 @@
 """The benchmark harness end to end: `python -m bench --suite adamw` at tiny sizes on the CPU."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,25 @@ def test_lora_suite_tiny(tmp_path):
         assert r["workload"].startswith(f"M={config['M']} K={config['K']}")
         if r["provider"] == "base-linear":
             assert r["speedup"] == 1.0
+
+
+def test_e2e_suite_tiny(tmp_path):
+    # as `make bench` runs it: without the Triton interpreter (CPU tensors take the references)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "bench", "--suite", "e2e", "--sizes", "tiny",
+                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   timeout=900, env=env)
+    (path,) = tmp_path.glob("e2e-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        ("lora", s) for s in ("baseline", "+attention", "+lora", "+adamw", "fasttrain")} | {
+        ("full", s) for s in ("baseline", "+attention", "+adamw", "fasttrain")}
+    for r in rows:
+        config = json.loads(r["config"])
+        assert r["tokens_per_s"] > 0 and 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert len(r["losses"]) == config["warmup_steps"] + config["timed_steps"]
+        # every stack computes the same loss from the same weights and data (fp32 here)
+        assert r["loss_max_abs_diff"] <= 1e-4 * r["losses"][0], r
+        packed = r["provider"] in ("+attention", "fasttrain")
+        assert (config["computed_tokens"] == config["real_tokens"]) == packed
+        assert config["computed_tokens"] >= config["real_tokens"]
