@@ -3,7 +3,8 @@
 For each file (one suite on one device, so a plot never mixes devices) and each kernel in it,
 one PNG per metric: ``time`` (p50 ms) and the rate (``gbps`` or ``tflops``). A figure has one
 panel per (mode, dtype); the x axis holds the workloads (categorical), one bar per provider at
-its median with a p20-p80 error bar (for rates, the rate at p80 and p20 time). The device name
+its median with a p20-p80 error bar (for rates, the rate at p80 and p20 time); a log y axis
+where a panel's medians span more than 30x. The device name
 is in the title. The PNGs are written next to the JSON (or into ``--out``) as
 ``<json stem>-<kernel>-<metric>.png``. matplotlib is imported only here, when plotting.
 """
@@ -66,6 +67,9 @@ def plot_metric(plt, doc: dict, kernel: str, metric: str, path: Path) -> bool:
             if xs:
                 ax.bar(xs, mid, width, yerr=[low, high], capsize=2, label=provider,
                        color=f"C{i % 10}")
+        values = [value(r, r["p50_ms"]) for r in panel]
+        if min(values) > 0 and max(values) / min(values) > 30:  # workloads spanning decades
+            ax.set_yscale("log")
         ax.set_xticks(range(len(workloads)), workloads, fontsize=8,
                       rotation=20 if len(workloads) > 3 else 0)
         ax.set_ylabel(label, fontsize=8)
