@@ -1,4 +1,7 @@
-"""Run fasttrain's benchmark suites; print tables and write JSON results (bench/README.md)."""
+"""Run fasttrain's benchmark suites; print tables and write JSON results (bench/README.md).
+
+Also reads results: --compare OLD NEW, --plot FILE..., --report FILE..., --readme.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from bench import SUITES, common
+from bench import SUITES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,20 +22,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(a minute or two on a 2-core CPU)")
     # test-only: tiny workloads, every provider
     parser.add_argument("--sizes", choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=common.RESULTS,
-                        help="folder for the JSON results (default: bench/results)")
+    parser.add_argument("--out", type=Path,
+                        help="a run: folder for the JSON results (default: bench/results); "
+                        "--plot: folder for the PNGs (default: next to each JSON); "
+                        "--report: the markdown file (default: stdout)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="default: cuda when available")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                        help="compare two results files (or two folders, matched by suite); "
+                        "exit 1 when a regression is flagged")
+    action.add_argument("--plot", nargs="+", metavar="FILE",
+                        help="PNG plots of results files (or folders of them)")
+    action.add_argument("--report", nargs="+", metavar="FILE",
+                        help="a markdown report of results files (or folders of them)")
+    action.add_argument("--readme", action="store_true",
+                        help="regenerate README.md's results section from bench/results")
+    parser.add_argument("--threshold", type=float, default=0.05,
+                        help="--compare: flag p50 changes beyond this fraction (default 0.05)")
+    parser.add_argument("--check", action="store_true",
+                        help="--readme: only check that the section is up to date (exit 1 if not)")
     parser.set_defaults(sizes="full")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from bench import common
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     env = common.environment(device, argv)
     reps = 100 if device.type == "cuda" else (20 if args.sizes == "full" else 10)
@@ -45,14 +66,37 @@ def main(argv: list[str] | None = None) -> None:
     if env["load_avg_1min"] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: the machine is busy (load average {env['load_avg_1min']:.1f} on "
               f"{os.cpu_count()} cores); timings will be noisy", flush=True)
+    env.update(common.measure_peaks(device, args.sizes, reps))
+    print(f"measured at the start: copy bandwidth {env['peak_copy_gbps']:.1f} GB/s "
+          f"({probe.kind}), matmul {env['peak_matmul_tflops']:.3g} TFLOP/s", flush=True)
+    out = common.RESULTS if args.out is None else args.out
     for name in args.suite:
         suite = importlib.import_module(f"bench.{name}")
         ctx = common.Context(device, args.sizes, reps=reps, warmup=1, probe=probe)
         rows = common.finish_rows(suite.run(ctx), suite.BASELINE, env)
         common.print_table(rows)
-        path = common.write_json(name, rows, ctx, env, args.out)
+        path = common.write_json(name, rows, ctx, env, out)
         print(f"\nwrote {path}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.compare:
+        from bench import compare
+        return compare.main(*args.compare, threshold=args.threshold)
+    if args.plot:
+        from bench import plot
+        return plot.main(args.plot, args.out)
+    if args.report:
+        from bench import report
+        return report.main(args.report, args.out)
+    if args.readme:
+        from bench import readme
+        return readme.main(check=args.check)
+    return run(args, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

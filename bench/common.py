@@ -110,6 +110,26 @@ class Context:
         return timings, self.matmul.flops / timings.pop("matmul-probe")["p50_ms"] / 1e9
 
 
+def measure_peaks(device: torch.device, sizes: str, reps: int) -> dict:
+    """The device's copy bandwidth and matmul throughput, measured once at the start of a run
+    with the same probes (and sizes) the suites time alongside their providers, each alone:
+    {"peak_copy_gbps", "peak_matmul_tflops"}. Recorded in the environment of every results
+    file; the per-block probes stay the yardstick of ``pct_of_probe``."""
+    tiny = sizes == "tiny"
+    copy = BandwidthProbe(device, 1 << (22 if tiny else 26))
+    copy_ms = time_interleaved({"copy": copy}, device, reps, warmup=1)["copy"]["p50_ms"]
+    gbps = copy.bytes / copy_ms / 1e6
+    del copy
+    n = 8192 if device.type == "cuda" else (256 if tiny else 1024)
+    matmul = MatmulProbe(device, n)
+    mm_ms = time_interleaved({"matmul": matmul}, device, reps, warmup=1)["matmul"]["p50_ms"]
+    tflops = matmul.flops / mm_ms / 1e9
+    del matmul
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"peak_copy_gbps": gbps, "peak_matmul_tflops": tflops}
+
+
 # --- timing --------------------------------------------------------------------------------
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 ROW_FIELDS = {
@@ -27,7 +29,11 @@ def test_adamw_suite_tiny(tmp_path):
                     "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
                    timeout=600)
     (path,) = tmp_path.glob("adamw-*.json")
-    rows = json.loads(path.read_text())["rows"]
+    doc = json.loads(path.read_text())
+    rows = doc["rows"]
+    # measured once at the start of the run, recorded in the environment (and so in every row)
+    assert doc["env"]["peak_copy_gbps"] > 0 and doc["env"]["peak_matmul_tflops"] > 0
+    assert all(r["peak_copy_gbps"] == doc["env"]["peak_copy_gbps"] for r in rows)
 
     providers = {r["provider"] for r in rows}
     assert {"torch-fused", "torch-foreach", "torch-forloop"} <= providers
@@ -67,6 +73,8 @@ def test_varlen_attn_suite_tiny(tmp_path):
     causal = {r["flops"] for r in rows if r["mode"] == "fwd" and "causal" in r["workload"]}
     full = {r["flops"] for r in rows if r["mode"] == "fwd" and "full" in r["workload"]}
     assert len(causal) == len(full) == 1 and 2 * causal.pop() == full.pop()
+
+
 LORA_FIELDS = ROW_FIELDS | {"flops", "tflops", "saved_bytes", "peak_bytes"}
 
 
@@ -118,3 +126,160 @@ def test_e2e_suite_tiny(tmp_path):
         packed = r["provider"] in ("+attention", "fasttrain")
         assert (config["computed_tokens"] == config["real_tokens"]) == packed
         assert config["computed_tokens"] >= config["real_tokens"]
+
+
+# --- reading results: compare, plot, report, README section ----------------------------------
+
+def _committed(suite="adamw"):
+    """The newest committed results file of ``suite`` (CPU runs are committed)."""
+    from bench import readme, report
+    docs = [report.load(p) for p in readme.committed_results()]
+    return max((d for d in docs if d["suite"] == suite), key=lambda d: d["env"]["timestamp"])
+
+
+def _copy(doc, path, change=None, env=None):
+    """Write ``doc`` to ``path``, rows changed by ``change(row)`` and env updated by ``env``."""
+    out = json.loads(doc["path"].read_text())
+    for r in out["rows"]:
+        if change:
+            change(r)
+    out["env"].update(env or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return path
+
+
+def _scale(provider, mode, workload, factor):
+    def change(r):
+        if (r["provider"], r["mode"], r["workload"]) == (provider, mode, workload):
+            for k in ("p20_ms", "p50_ms", "p80_ms"):
+                r[k] *= factor
+    return change
+
+
+def test_compare_classify():
+    from bench.compare import classify
+    old = {"p20_ms": 9.0, "p50_ms": 10.0, "p80_ms": 11.5}
+    assert classify(old, dict(old), 0.05) == ""
+    # 8% slower, but each median inside the other run's p20-p80: noise
+    assert classify(old, {"p20_ms": 9.5, "p50_ms": 10.8, "p80_ms": 12.0}, 0.05) == "noise"
+    # 8% slower and outside the old spread: a regression
+    assert classify(old, {"p20_ms": 10.6, "p50_ms": 10.8, "p80_ms": 11.0}, 0.05) == "REGRESSION"
+    assert classify(old, {"p20_ms": 7.0, "p50_ms": 7.2, "p80_ms": 7.5}, 0.05) == "faster"
+    # within the threshold: nothing, whatever the spreads
+    assert classify(old, {"p20_ms": 10.39, "p50_ms": 10.4, "p80_ms": 10.41}, 0.05) == ""
+    assert classify(old, {"p20_ms": 10.6, "p50_ms": 10.8, "p80_ms": 11.0}, 0.10) == ""
+
+
+def test_compare_planted_regression(tmp_path, capsys):
+    from bench.__main__ import main
+    doc = _committed()
+    old = _copy(doc, tmp_path / "old" / doc["path"].name)
+    same = _copy(doc, tmp_path / "same" / doc["path"].name)
+    slow = _copy(doc, tmp_path / "new" / doc["path"].name,
+                 _scale("fasttrain-cpu", "step", "50M/200", 1.5))
+    assert main(["--compare", str(old), str(same)]) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSION" not in out and "no regression" in out and "warning" not in out
+    assert main(["--compare", str(old), str(slow)]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.endswith("REGRESSION")]
+    assert len(flagged) == 1 and flagged[0].split()[:3] == ["fasttrain-cpu", "step", "50M/200"]
+    assert "1.500" in flagged[0]
+    # folders: files matched by suite
+    assert main(["--compare", str(old.parent), str(slow.parent)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    # a threshold above the change: not flagged
+    assert main(["--compare", str(old), str(slow), "--threshold", "0.6"]) == 0
+    # the reverse is an improvement, not a regression
+    assert main(["--compare", str(slow), str(old)]) == 0
+    assert "faster" in capsys.readouterr().out
+
+
+def test_compare_noise_not_flagged(tmp_path, capsys):
+    from bench.__main__ import main
+    doc = _committed()
+
+    def widen(r, factor=1.0):
+        r["p20_ms"], r["p80_ms"] = r["p50_ms"] * 0.85 * factor, r["p50_ms"] * 1.15 * factor
+        r["p50_ms"] *= factor
+    old = _copy(doc, tmp_path / "old.json", widen)
+    new = _copy(doc, tmp_path / "new.json", lambda r: widen(r, 1.08))  # 8%, inside the spreads
+    assert main(["--compare", str(old), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSION" not in out
+    assert sum(line.endswith("  noise") for line in out.splitlines()) == len(doc["rows"])
+
+
+def test_compare_warns_on_other_device_and_exit_status(tmp_path):
+    doc = _committed()
+    old = _copy(doc, tmp_path / "old.json")
+    new = _copy(doc, tmp_path / "new.json", _scale("torch-fused", "step", "5000x4K", 2.0),
+                env={"device_name": "Another CPU", "torch": "9.9.9"})
+    result = subprocess.run([sys.executable, "-m", "bench", "--compare", str(old), str(new)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "warning: device_name differs" in result.stdout
+    assert "warning: torch differs" in result.stdout
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.__main__ import main
+    doc = _committed()
+    assert main(["--plot", str(doc["path"]), "--out", str(tmp_path)]) == 0
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == [f"{doc['path'].stem}-adamw-{m}.png" for m in ("gbps", "time")]
+    for p in tmp_path.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib(monkeypatch):
+    from bench import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        plot.pyplot()
+
+
+def test_report(tmp_path):
+    from bench.__main__ import main
+    from bench.report import blocks
+    doc = _committed()
+    out = tmp_path / "report.md"
+    assert main(["--report", str(doc["path"]), "--out", str(out)]) == 0
+    text = out.read_text()
+    env = doc["env"]
+    for field in ("device_name", "torch", "git_sha", "command", "timestamp"):
+        assert env[field] in text, field
+    groups = blocks(doc["rows"])
+    assert text.count("\n### ") == len(groups)
+    for (workload, mode, dtype), rows in groups.items():
+        table = text.split(f"### {workload} / {mode} / {dtype}\n", 1)[1].split("\n### ")[0]
+        for r in rows:
+            assert f"| {r['provider']} | " in table, (r["provider"], workload, mode)
+        assert f"{rows[0]['speedup']:.2f}x" in table
+
+
+def test_readme_results_section_is_fresh():
+    """A commit that adds results to bench/results without python -m bench --readme fails."""
+    from bench import readme
+    text = readme.README.read_text()
+    assert readme.render(text, readme.section()) == text, (
+        "README.md's results section is out of date: run python -m bench --readme")
+
+
+def test_readme_section_names_its_files(tmp_path):
+    from bench import readme
+    from bench.report import fmt
+    doc = _committed()
+    newer = _copy(doc, tmp_path / "adamw-newer.json",
+                  env={"timestamp": "2099-01-01T00:00:00+00:00"})
+    other = _copy(doc, tmp_path / "adamw-gpu.json", env={"device_name": "NVIDIA H100"})
+    section = readme.section([doc["path"], newer, other])
+    # the newest file per (suite, device): the 2099 copy for this device, and the other device
+    assert "#### adamw on NVIDIA H100" in section and str(other) in section
+    assert str(newer) in section and doc["path"].name not in section
+    fused = [r for r in doc["rows"] if r["provider"] == "torch-fused"][0]
+    assert f"{fmt(fused['p50_ms'])} (1.00x)" in section
+    with pytest.raises(ValueError, match="markers"):
+        readme.render("no markers here", section)
