@@ -67,8 +67,10 @@ def test_cuda_graph_step_follows_scheduler(max_grad_norm):
                             weight_decay=0.1)
     opt = fasttrain.optim.AdamW(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True,
                                 weight_decay=0.1, max_grad_norm=max_grad_norm)
-    ref_sched = SCHEDULERS["OneCycleLR"](ref)
-    sched = SCHEDULERS["OneCycleLR"](opt)
+    # cycle_momentum=False: the step reads betas as Python floats, which a graph bakes in at
+    # capture (only a tensor lr is read from the device at replay)
+    ref_sched = lr_scheduler.OneCycleLR(ref, max_lr=0.05, total_steps=40, cycle_momentum=False)
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40, cycle_momentum=False)
     g = torch.Generator(device="cuda").manual_seed(1)
     for p in params:
         p.grad = torch.zeros_like(p)  # static gradient buffers the graph reads
