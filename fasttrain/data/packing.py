@@ -1,0 +1,330 @@
+"""Pack tokenized examples into token budgets for varlen attention.
+
+- ``pack_sequences(lengths, max_tokens)``: best-fit-decreasing bin packing of example lengths
+  into batches of at most ``max_tokens`` tokens; returns the batches (lists of example indices)
+  and the packing efficiency, real tokens / (number of batches * ``max_tokens``).
+- ``PackedCollator``: a list of examples -> one packed row (``input_ids`` (1, total), ``labels``,
+  ``position_ids``, ``cu_seqlens``, ``max_seqlen``), the layout of transformers'
+  ``DataCollatorWithFlattening`` plus the varlen metadata.
+- ``LengthBucketedBatchSampler``: a ``torch.utils.data.Sampler`` of index lists that fit a token
+  budget, shuffled with a seed per epoch, packed bucket by bucket.
+
+An example is a dict with ``input_ids`` (a list of ints or a 1-D integer tensor) and optionally
+``labels`` of the same length, as produced by a tokenizer.
+"""
+from __future__ import annotations
+
+import bisect
+import operator
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+IGNORE_INDEX = -100  # the label that torch's and HF's cross-entropy losses skip
+
+
+@dataclass
+class Packing:
+    """Result of ``pack_sequences``: ``batches[i]`` lists the example indices of batch i;
+    ``efficiency`` = real tokens / (len(batches) * max_tokens), in (0, 1]."""
+
+    batches: list[list[int]]
+    efficiency: float
+    max_tokens: int
+    num_tokens: int  # real tokens packed (lengths counted after truncation)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _length_of(item, where: str) -> int:
+    if isinstance(item, bool):
+        raise TypeError(f"{where}: expected a length, got a bool")
+    if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise ValueError(f"{where}: an example dict needs an 'input_ids' entry")
+        item = item["input_ids"]
+    if isinstance(item, Tensor):
+        if item.dim() != 1:
+            raise ValueError(f"{where}: input_ids must be 1-D, got shape {tuple(item.shape)}")
+        return item.numel()
+    if isinstance(item, Sequence) and not isinstance(item, str):
+        return len(item)
+    if hasattr(item, "__index__"):
+        return operator.index(item)
+    raise TypeError(f"{where}: expected an int length, a token sequence or an example dict, "
+                    f"got {type(item).__name__}")
+
+
+def _lengths(lengths_or_examples, name: str) -> list[int]:
+    if isinstance(lengths_or_examples, Tensor):
+        if lengths_or_examples.dim() != 1 or lengths_or_examples.is_floating_point():
+            raise ValueError(f"{name} as a tensor must be 1-D integer, got "
+                             f"{lengths_or_examples.dtype} of shape "
+                             f"{tuple(lengths_or_examples.shape)}")
+        lengths = lengths_or_examples.tolist()
+    else:
+        lengths = [_length_of(x, f"{name}[{i}]") for i, x in enumerate(lengths_or_examples)]
+    for i, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"{name}[{i}] has length {n}; every example needs at least one token")
+    return lengths
+
+
+def _check_budget(max_tokens, name="max_tokens") -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise TypeError(f"{name} must be an int, got {type(max_tokens).__name__}")
+    if max_tokens < 1:
+        raise ValueError(f"{name} must be >= 1, got {max_tokens}")
+    return max_tokens
+
+
+def _clip_lengths(lengths: list[int], max_tokens: int, truncate: bool, name: str) -> list[int]:
+    if truncate:
+        return [min(n, max_tokens) for n in lengths]
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"{name}[{i}] has {n} tokens, more than max_tokens={max_tokens}; "
+                             f"pass truncate=True to cut such examples to max_tokens")
+    return lengths
+
+
+def _best_fit_decreasing(lengths: list[int], indices: list[int], max_tokens: int) -> list[list[int]]:
+    """Longest first, each into the open batch with the least room that still fits it."""
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, batch id), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            batches.append([i])
+            room, b = max_tokens - n, len(batches) - 1
+        else:
+            room, b = free.pop(k)
+            batches[b].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, b))
+    return batches
+
+
+def pack_sequences(lengths_or_examples, max_tokens: int, *, truncate: bool = False) -> Packing:
+    """Pack examples into batches of at most ``max_tokens`` tokens (best-fit decreasing).
+
+    lengths_or_examples: a sequence of lengths (ints or a 1-D integer tensor), of token
+        sequences, or of example dicts with ``input_ids``.
+    max_tokens: the token budget of one batch (the packed row length).
+    truncate: an example longer than ``max_tokens`` raises ``ValueError`` (default) or, with
+        ``truncate=True``, counts as ``max_tokens`` tokens (it fills a batch alone; the collator
+        given ``max_length=max_tokens`` cuts it to that).
+
+    Returns a ``Packing``: ``batches`` (lists of example indices, longest example first; every
+    index exactly once) and ``efficiency`` = real tokens / (len(batches) * max_tokens).
+    Best-fit decreasing uses at most 11/9 OPT + 6/9 batches.
+    """
+    max_tokens = _check_budget(max_tokens)
+    lengths = _clip_lengths(_lengths(lengths_or_examples, "lengths_or_examples"), max_tokens,
+                            truncate, "lengths_or_examples")
+    batches = _best_fit_decreasing(lengths, list(range(len(lengths))), max_tokens)
+    total = sum(lengths)
+    eff = total / (len(batches) * max_tokens) if batches else 0.0
+    return Packing(batches=batches, efficiency=eff, max_tokens=max_tokens, num_tokens=total)
+
+
+def _as_ids(x, name: str) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} has no tokens")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    return t.to(torch.long)
+
+
+class PackedCollator:
+    """Concatenate a list of examples into one packed row for varlen attention.
+
+    Output (a dict of tensors, like transformers' ``DataCollatorWithFlattening``):
+
+    - ``input_ids``: (1, total) int64, the examples back to back.
+    - ``labels``: (1, total) int64, each example's ``labels`` (or its ``input_ids`` when it has
+      none), unshifted (the model shifts: the logit at token t is scored against label t + 1),
+      with the **first label of every example set to -100**. So the last token of one example
+      is never trained to predict the first token of the next, and the first token of an
+      example (which has nothing before it) predicts nothing. This is exactly
+      ``DataCollatorWithFlattening``'s ``[separator_id] + labels[1:]`` with separator -100.
+    - ``position_ids``: (1, total) int64, restarting at 0 for every example.
+    - ``cu_seqlens``: (num_seqs + 1,) int32, cumulative sequence starts; ``cu_seqlens[-1] ==
+      total``. Equal to ``fasttrain.ops.cu_seqlens_from_position_ids(position_ids)[0]``.
+    - ``max_seqlen``: int, the longest sequence.
+    - with ``return_flash_attn_kwargs=True`` also ``cu_seq_lens_q``/``cu_seq_lens_k`` (= cu_seqlens)
+      and ``max_length_q``/``max_length_k`` (= max_seqlen), the names transformers passes to
+      its attention functions.
+
+    max_length: cut every example to its first ``max_length`` tokens (None: keep all).
+    max_tokens: raise ``ValueError`` if the packed row (before padding) exceeds this budget.
+    pad_to_multiple_of: append ``pad_token_id`` tokens so that ``total`` is a multiple of this
+        (shape-stable batches for kernels / compile). The padding forms **its own sequence**:
+        its position ids restart at 0, it is the last entry of ``cu_seqlens`` (so attention never
+        mixes it with real tokens and ``cu_seqlens`` still matches ``position_ids``), its labels
+        are all -100 (no loss).
+    """
+
+    def __init__(self, *, max_length: int | None = None, max_tokens: int | None = None,
+                 pad_to_multiple_of: int | None = None, pad_token_id: int = 0,
+                 return_flash_attn_kwargs: bool = False):
+        if max_length is not None:
+            _check_budget(max_length, "max_length")
+        if max_tokens is not None:
+            _check_budget(max_tokens, "max_tokens")
+        if pad_to_multiple_of is not None:
+            _check_budget(pad_to_multiple_of, "pad_to_multiple_of")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
+        self.max_length = max_length
+        self.max_tokens = max_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
+        self.return_flash_attn_kwargs = return_flash_attn_kwargs
+
+    def __call__(self, examples) -> dict:
+        if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
+            raise ValueError("PackedCollator expects a non-empty list of example dicts")
+        ids, labels = [], []
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, dict) or "input_ids" not in ex:
+                raise ValueError(f"examples[{i}] must be a dict with 'input_ids'")
+            x = _as_ids(ex["input_ids"], f"examples[{i}]['input_ids']")
+            y = ex.get("labels")
+            y = x.clone() if y is None else _as_ids(y, f"examples[{i}]['labels']").clone()
+            if y.numel() != x.numel():
+                raise ValueError(f"examples[{i}]: labels has {y.numel()} entries, input_ids "
+                                 f"{x.numel()}")
+            if self.max_length is not None:
+                x, y = x[: self.max_length], y[: self.max_length]
+            y[0] = IGNORE_INDEX
+            ids.append(x)
+            labels.append(y)
+        lengths = [x.numel() for x in ids]
+        total = sum(lengths)
+        if self.max_tokens is not None and total > self.max_tokens:
+            raise ValueError(f"the examples hold {total} tokens, more than max_tokens="
+                             f"{self.max_tokens}")
+        if self.pad_to_multiple_of is not None and total % self.pad_to_multiple_of:
+            n_pad = self.pad_to_multiple_of - total % self.pad_to_multiple_of
+            ids.append(torch.full((n_pad,), self.pad_token_id, dtype=torch.long))
+            labels.append(torch.full((n_pad,), IGNORE_INDEX, dtype=torch.long))
+            lengths.append(n_pad)
+        lens = torch.tensor(lengths, dtype=torch.int32)
+        cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+        starts = torch.repeat_interleave(cu[:-1].long(), lens.long())
+        position_ids = torch.arange(int(cu[-1]), dtype=torch.long) - starts
+        max_seqlen = max(lengths)
+        batch = {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": position_ids[None],
+            "cu_seqlens": cu,
+            "max_seqlen": max_seqlen,
+        }
+        if self.return_flash_attn_kwargs:
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen,
+                         max_length_k=max_seqlen)
+        return batch
+
+
+class LengthBucketedBatchSampler(Sampler):
+    """Batches of example indices whose total tokens fit ``max_tokens``, for a DataLoader's
+    ``batch_sampler`` (with ``PackedCollator`` as ``collate_fn``).
+
+    Each epoch the indices are shuffled with ``seed + epoch``, cut into buckets of
+    ``bucket_size`` examples, and each bucket is packed by best-fit decreasing (a bigger bucket
+    packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
+    appears exactly once per epoch. Call ``set_epoch(epoch)`` each epoch, like
+    ``DistributedSampler``.
+
+    lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
+    max_tokens: token budget per batch.
+    padded: False (default) counts real tokens (packed rows). True counts padded tokens,
+        ``len(batch) * longest``, for padded (batch, seqlen) batches; each bucket is then sorted
+        by length and cut greedily, which keeps similar lengths together.
+    truncate: as in ``pack_sequences`` (over-long examples error, or count as ``max_tokens``).
+    shuffle: False keeps the index order (buckets in order, batches in packing order).
+
+    ``efficiency`` (and ``stats()``) report the epoch's real tokens / (batches * max_tokens).
+    """
+
+    def __init__(self, lengths, max_tokens: int, *, bucket_size: int = 1024, shuffle: bool = True,
+                 seed: int = 0, padded: bool = False, truncate: bool = False):
+        self.max_tokens = _check_budget(max_tokens)
+        self.bucket_size = _check_budget(bucket_size, "bucket_size")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.lengths = _clip_lengths(_lengths(lengths, "lengths"), self.max_tokens, truncate,
+                                     "lengths")
+        self.shuffle = shuffle
+        self.seed = seed
+        self.padded = padded
+        self.epoch = 0
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[list[int]]:
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        batches = []
+        for s in range(0, n, self.bucket_size):
+            bucket = order[s : s + self.bucket_size]
+            if self.padded:
+                batches += self._cut_padded(bucket)
+            else:
+                batches += _best_fit_decreasing(self.lengths, bucket, self.max_tokens)
+        if self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        self._plan = (self.epoch, batches)
+        return batches
+
+    def _cut_padded(self, bucket: list[int]) -> list[list[int]]:
+        out, cur, longest = [], [], 0
+        for i in sorted(bucket, key=lambda i: (self.lengths[i], i)):
+            n = self.lengths[i]
+            if cur and (len(cur) + 1) * max(longest, n) > self.max_tokens:
+                out.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, n)
+        if cur:
+            out.append(cur)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self._batches()])
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def stats(self) -> dict:
+        """{'batches', 'real_tokens', 'budget_tokens', 'efficiency'} of the current epoch."""
+        batches = self._batches()
+        real = sum(self.lengths)
+        budget = len(batches) * self.max_tokens
+        return dict(batches=len(batches), real_tokens=real, budget_tokens=budget,
+                    efficiency=real / budget if budget else 0.0)
+
+    @property
+    def efficiency(self) -> float:
+        return self.stats()["efficiency"]
