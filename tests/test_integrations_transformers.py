@@ -162,3 +162,16 @@ def test_fuse_lora_inside_a_model_and_training():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert report.undo() == 4
+
+
+def test_from_pretrained(tmp_path):
+    ref, _ = models("qwen2")
+    ref.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                               attn_implementation="fasttrain")
+    assert loaded.config._attn_implementation == "fasttrain"
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        got, expected = (m(ids, attention_mask=mask).logits for m in (loaded.eval(), ref))
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
