@@ -545,7 +545,12 @@ def cached_tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int
                     *, keys: bool, window_left: int, window_right: int) -> torch.Tensor:
     """``tile_map``, built once per cu_seqlens tensor and options: every layer of a model (and
     its backward) reuses the first layer's map. Entries die with the tensor; an in-place change
-    of either cu_seqlens (a new version) rebuilds the map."""
+    of either cu_seqlens (a new version) rebuilds the map. Under CUDA-graph capture the map is
+    always built, inside the graph: replays then follow new contents of a static cu_seqlens
+    buffer, and no map from the graph's memory pool leaks into the cache."""
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return tile_map(cu_seqlens, cu_other, block, n_tiles, keys=keys,
+                        window_left=window_left, window_right=window_right)
     try:
         version = (cu_seqlens._version, cu_other._version)
     except RuntimeError:  # inference tensors have no version counter: no caching

@@ -175,3 +175,73 @@ def test_from_pretrained(tmp_path):
         got, expected = (m(ids, attention_mask=mask).logits for m in (loaded.eval(), ref))
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_generation_with_a_static_cache_matches_sdpa(left_padding):
+    ref, fast = models("llama")
+    ids, mask = padded_batch()
+    mask = mask[:2] if left_padding else torch.ones_like(ids[:2])
+    if left_padding:
+        mask[0] = torch.tensor([0] * 5 + [1] * 15)  # generate expects left padding
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static",
+                  output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    got = fast.generate(ids[:2], attention_mask=mask, **kwargs)
+    expected = ref.generate(ids[:2], attention_mask=mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_of_one_with_offset_positions_and_inference_mode():
+    ref, fast = models("llama")
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    position_ids = torch.arange(5, 15)[None]  # one sequence, positions not starting at 0
+    with torch.inference_mode():  # inference tensors have no version counter
+        got = fast(ids, position_ids=position_ids).logits
+        expected = ref(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = False
+
+
+def _attend(query, key, value, **kwargs):
+    from fasttrain.integrations.transformers import attention_forward
+
+    return attention_forward(_Attention(), query, key, value, None, **kwargs)[0]
+
+
+def _sdpa(query, key, value, mask):
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def test_bidirectional_sliding_window_is_two_sided():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 12, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    expected = _sdpa(q, k, v, (i - j).abs() < 3)  # transformers' bidirectional window of 3
+    torch.testing.assert_close(_attend(q, k, v, sliding_window=3), expected)
+
+
+def test_value_head_dim_smaller_than_query_head_dim():
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 4, 9, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_attend(q, k, v), _sdpa(q, k, v, None))
+
+
+def test_flash_attention_kwargs_are_honoured_for_any_batch_shape():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 6, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)  # sequences across the two rows
+    got = _attend(q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu).reshape(12, 2, 16)
+    flat = [t.transpose(1, 2).reshape(12, 2, 16) for t in (q, k, v)]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        part = [t[s:e].transpose(0, 1)[None] for t in flat]
+        torch.testing.assert_close(got[s:e], _sdpa(*part, None)[0])
+    with pytest.raises(ValueError, match="together"):
+        _attend(q, k, v, cu_seq_lens_q=cu)

@@ -362,3 +362,22 @@ def test_no_host_sync_on_cuda():
         varlen_attention(q, k, v, cu_q, cu_k, causal=True).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_windows_wider_than_the_sequences_mean_no_window():
+    q, k, v, cu_q, cu_k = make([30, 50], [30, 50], 2, 2, 16, torch.float32, "cpu")
+    full = varlen_attention(q, k, v, cu_q, cu_k, backend="triton")
+    causal = varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="triton")
+    wide = 2 ** 31 - 1  # would overflow the kernels' int32 range arithmetic
+    torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, window_size=(-1, wide),
+                                                backend="triton"), full)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, window_size=(wide, 0),
+                                                backend="triton"), causal)
+
+
+def test_dense_attention_with_empty_sequences():
+    q = torch.randn(2, 0, 2, 16)
+    k = v = torch.randn(2, 5, 2, 16)
+    assert dense_attention(q, k, v, backend="triton").shape == (2, 0, 2, 16)
+    out, lse = dense_attention(k, q, q, return_lse=True)  # no keys: zeros and -inf
+    assert torch.equal(out, torch.zeros_like(k)) and torch.isinf(lse).all()

@@ -11,8 +11,10 @@ Three input layouts reach the attention function, as with FlashAttention 2 in tr
   (``return_flash_attn_kwargs=True``; no host sync), or position ids restarting at 0 (one host
   read per forward, shared by all layers);
 - a batch without padding: equal lengths, no host sync.
-Sliding windows (``sliding_window`` of Mistral/Qwen2 layers: the query and the
-``sliding_window - 1`` keys before it), GQA and logit softcap (Gemma 2) come from the modules.
+Sliding windows (``sliding_window`` of Mistral/Qwen2/Gemma layers: the query and the
+``sliding_window - 1`` keys on each side, the right side cut when causal), GQA, logit softcap
+(Gemma 2) and value head dims smaller than the query's (MLA) come from the modules; static KV
+caches (generation) are masked to the tokens seen so far.
 transformers is imported lazily; it is never a dependency of fasttrain.
 """
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fasttrain.ops.padding import cu_seqlens_from_position_ids, pad, unpad
+from fasttrain.ops.padding import cu_seqlens_from_position_ids, pad
 from fasttrain.ops.varlen_attn import varlen_attention
 
 NAME = "fasttrain"
-_POSITION_CU = WeakIdKeyDictionary()  # position_ids tensor -> (version, cu_seqlens)
+_POSITION_CU = WeakIdKeyDictionary()  # position_ids tensor -> (version, cu_seqlens or None)
+_UNPAD = WeakIdKeyDictionary()  # 2-D attention mask -> (version, {q_len: unpad data})
 
 
 def register(name: str = NAME, *, backend: str | None = None) -> str:
@@ -33,29 +36,84 @@ def register(name: str = NAME, *, backend: str | None = None) -> str:
     ``backend`` forces a fasttrain backend ("triton" or "torch"; default: Triton for CUDA
     tensors, the reference on CPU)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         return attention_forward(module, query, key, value, attention_mask, backend=backend,
                                  **kwargs)
 
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, padding_mask)
     return name
 
 
-def _cu_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens of a packed row, read once per position_ids tensor (all layers share it)."""
-    hit = _POSITION_CU.get(position_ids)
-    if hit is not None and hit[0] == position_ids._version:
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                 mask_function=None, attention_mask: torch.Tensor | None = None,
+                 device=None, **kwargs) -> torch.Tensor | None:
+    """FlashAttention 2's mask (the 2-D padding mask, or None when there is no padding), except
+    that keys beyond the tokens seen so far (the empty slots of a static cache) are masked too:
+    transformers' generate() drops all-ones masks for implementations it does not know as
+    flash, which would otherwise let queries attend to those slots."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                mask_function, attention_mask, **kwargs)
+    if mask is None:
+        seen = int(q_offset) + q_length  # a tensor for static caches: one host read
+        if seen < kv_length:
+            mask = torch.ones(batch_size, seen, dtype=torch.bool, device=device)
+    return mask
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _packed_cu(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """cu_seqlens of a packed row (position ids that restart, as transformers' FlashAttention
+    path decides it: not non-decreasing), or None for one plain sequence. Read once per
+    position_ids tensor: every layer gets the same one."""
+    version = _version(position_ids)
+    hit = _POSITION_CU.get(position_ids) if version is not None else None
+    if hit is not None and hit[0] == version:
         return hit[1]
-    cu, _ = cu_seqlens_from_position_ids(position_ids)
-    _POSITION_CU[position_ids] = (position_ids._version, cu)
+    pos = position_ids.reshape(-1)
+    cu = None
+    if pos.numel() > 1 and bool((pos[1:] < pos[:-1]).any()):
+        cu, _ = cu_seqlens_from_position_ids(pos - pos.min())  # each restart at the minimum
+    if version is not None:
+        _POSITION_CU[position_ids] = (version, cu)
     return cu
 
 
+def _unpad_data(attention_mask: torch.Tensor, q_len: int):
+    """(q indices, cu_seqlens_q, k indices, cu_seqlens_k) of a 2-D padding mask, computed once
+    per mask tensor and query length (the layers of one forward share the mask)."""
+    version = _version(attention_mask)
+    entry = _UNPAD.get(attention_mask) if version is not None else None
+    if entry is None or entry[0] != version:
+        entry = (version, {})
+        if version is not None:
+            _UNPAD[attention_mask] = entry
+    if q_len not in entry[1]:
+        mask = attention_mask.bool()
+        q_mask = mask[:, -q_len:]
+        entry[1][q_len] = (torch.nonzero(q_mask.reshape(-1)).flatten(),
+                           _cu(q_mask.sum(-1, dtype=torch.int32)),
+                           torch.nonzero(mask.reshape(-1)).flatten(),
+                           _cu(mask.sum(-1, dtype=torch.int32)))
+    return entry[1][q_len]
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
 def _arange_cu(batch: int, seqlen: int, device) -> torch.Tensor:
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -65,8 +123,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       is_causal: bool | None = None, s_aux: torch.Tensor | None = None,
                       backend: str | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (batch, heads, q_len, d), key/value
-    (batch, kv_heads, kv_len, d), attention_mask None or (batch, kv_len) bool.
-    Returns ((batch, q_len, heads, d), None): no attention weights."""
+    (batch, kv_heads, kv_len, d or d_v), attention_mask None or (batch, seen) bool.
+    Returns ((batch, q_len, heads, d_v), None): no attention weights."""
     if dropout and module.training:
         raise NotImplementedError("attn_implementation='fasttrain' has no attention dropout; "
                                   "set the config's attention_dropout to 0")
@@ -76,29 +134,39 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fasttrain' cannot return attention weights")
     batch, nheads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, len, heads, d)
     if k.dtype != q.dtype or v.dtype != q.dtype:  # e.g. fp32 layer norms feeding q (peft)
         k, v = k.to(q.dtype), v.to(q.dtype)
+    v_dim = v.shape[-1]
+    if v_dim != head_dim:  # e.g. MLA: pad the values to the query head dim, crop the output
+        v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
     causal = module.is_causal if is_causal is None else is_causal
-    options = dict(softmax_scale=scaling, causal=causal,
-                   window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1),
+    # sliding_window: the query and the sliding_window - 1 keys on each side (the right side is
+    # cut to 0 when causal), as transformers' FlashAttention path
+    window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
+    options = dict(softmax_scale=scaling, causal=causal, window_size=window,
                    softcap=softcap or 0.0, backend=backend)
 
+    def attend(q_packed, k_packed, v_packed, cu_q, cu_k):
+        return varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, **options)[..., :v_dim]
+
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None:  # padded batch
-        q_packed, q_index, cu_q, _ = unpad(q, attention_mask[:, -q_len:])
-        k_packed, k_index, cu_k, _ = unpad(k, attention_mask)
-        v_packed = v.reshape(-1, *v.shape[2:])[k_index]
-        out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, **options)
+    if (cu_q is None) != (cu_k is None):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be given together")
+    if attention_mask is not None:  # padded batch (keys past the mask: empty cache slots)
+        k, v = k[:, :attention_mask.shape[-1]], v[:, :attention_mask.shape[-1]]
+        q_index, cu_q, k_index, cu_k = _unpad_data(attention_mask, q_len)
+        out = attend(q.reshape(-1, *q.shape[2:])[q_index], k.reshape(-1, *k.shape[2:])[k_index],
+                     v.reshape(-1, *v.shape[2:])[k_index], cu_q, cu_k)
         return pad(out, q_index, batch, q_len), None
-    if batch == 1 and q_len == kv_len and (cu_q is not None or position_ids is not None):
-        if cu_q is None:  # packed row, sequences found from position ids restarting at 0
-            cu_q = cu_k = _cu_from_position_ids(position_ids)
-        out = varlen_attention(q[0], k[0], v[0], cu_q.int(), cu_k.int(), **options)
-        return out[None], None
-    out = varlen_attention(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
-                           v.reshape(-1, *v.shape[2:]), _arange_cu(batch, q_len, q.device),
-                           _arange_cu(batch, kv_len, q.device), **options)
-    return out.view(batch, q_len, nheads, head_dim), None
+    flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
+    if cu_q is not None:  # packed sequences, FlashAttention kwargs
+        out = attend(*flat, cu_q.int(), cu_k.int())
+        return out.view(batch, q_len, nheads, v_dim), None
+    position_ids = kwargs.get("position_ids")
+    if batch == 1 and q_len == k.shape[1] and position_ids is not None:
+        cu = _packed_cu(position_ids)
+        if cu is not None:  # packed row, sequences found from the position ids
+            return attend(*flat, cu, cu)[None], None
+    out = attend(*flat, _arange_cu(batch, q_len, q.device), _arange_cu(batch, k.shape[1], q.device))
+    return out.view(batch, q_len, nheads, v_dim), None

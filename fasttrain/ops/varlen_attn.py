@@ -262,6 +262,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
               alibi_slopes)
     scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
     left, right = _window(causal, window_size)
+    # a window wider than every sequence is no window (and keeps the kernels' int32 math safe)
+    widest = q.shape[0] + k.shape[0]
+    left, right = (-1 if w >= widest else w for w in (left, right))
     if _choose_backend(q, backend) == "triton":
         if q.stride(-1) != 1:
             q = q.contiguous()
@@ -297,7 +300,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
         raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
 
     def cu(seqlen):
-        return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=q.device)
+        return torch.arange(batch + 1, dtype=torch.int32, device=q.device) * seqlen
 
     result = varlen_attention(q.reshape(batch * seqlen_q, nheads, head_dim),
                               k.reshape(batch * seqlen_k, *k.shape[2:]),
