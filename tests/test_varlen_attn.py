@@ -381,3 +381,12 @@ def test_dense_attention_with_empty_sequences():
     assert dense_attention(q, k, v, backend="triton").shape == (2, 0, 2, 16)
     out, lse = dense_attention(k, q, q, return_lse=True)  # no keys: zeros and -inf
     assert torch.equal(out, torch.zeros_like(k)) and torch.isinf(lse).all()
+
+
+def test_cu_seqlens_values_are_checked_again_after_an_in_place_change():
+    q, k, v, cu_q, cu_k = make([3, 5], [3, 5], 2, 2, 16, torch.float32, "cpu")
+    varlen_attention(q, k, v, cu_q, cu_k)  # checked once, remembered for this version
+    cu_q[1] = 6
+    cu_q[2] = 5
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(q, k, v, cu_q, cu_k)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fasttrain import _backend
 
@@ -139,21 +140,35 @@ _varlen_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
+_CHECKED = WeakIdKeyDictionary()  # cu_seqlens tensor -> (version, total) already checked
+
+
 def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
     """Values of cu_seqlens: on CPU a clear error; on CUDA a device-side assert (no host sync;
     the kernels also clamp every sequence to [0, total], so a bad value cannot read out of
-    bounds); under torch.compile nothing."""
+    bounds); under torch.compile nothing. Once per tensor and version: the layers of a model
+    share one cu_seqlens."""
     if torch.compiler.is_compiling() or cu.numel() == 0:
+        return
+    try:
+        key = (cu._version, total)
+    except RuntimeError:  # inference tensors have no version counter
+        key = None
+    if key is not None and _CHECKED.get(cu) == key:
         return
     first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
     if cu.device.type == "cuda":
         torch._assert_async(first & last & monotone,
                             f"{name} must start at 0, be non-decreasing and end at {total}")
+        if key is not None:
+            _CHECKED[cu] = key
         return
     for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),
                      (last, f"end at the number of tokens ({total})")):
         if not bool(ok):
             raise ValueError(f"{name} must {what}; got {cu.tolist()}")
+    if key is not None:
+        _CHECKED[cu] = key
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout_p,
