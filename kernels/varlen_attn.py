@@ -154,6 +154,18 @@ def _query_range(n_start, len_q, diag, window_left, window_right, BLOCK_M: tl.co
 
 
 @triton.jit
+def _region(r: tl.constexpr, lo, full_lo, full_hi, hi):
+    # The loop bounds of region r of a range split by _key_range/_query_range: 0 and 2 are the
+    # masked edges, 1 the mask-free middle.
+    if r == 0:
+        return lo, full_lo
+    elif r == 1:
+        return full_lo, full_hi
+    else:
+        return full_hi, hi
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start, rows, offs_n,
                 offs_d, start, end, len_q, len_k, diag, window_left, window_right, qk_scale,
                 softcap, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -222,21 +234,13 @@ def _varlen_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m_start, len_k, diag, window_left, window_right,
                                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
-                                rows, offs_n, offs_d, lo, full_lo, len_q, len_k, diag,
-                                window_left, window_right, qk_scale, softcap, True, HEAD_DIM,
-                                BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, UPCAST,
-                                PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
-                                rows, offs_n, offs_d, full_lo, full_hi, len_q, len_k, diag,
-                                window_left, window_right, qk_scale, softcap, False, HEAD_DIM,
-                                BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, UPCAST,
-                                PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
-                                rows, offs_n, offs_d, full_hi, hi, len_q, len_k, diag,
-                                window_left, window_right, qk_scale, softcap, True, HEAD_DIM,
-                                BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, UPCAST,
-                                PRECISION)
+    for r in tl.static_range(3):
+        start, end = _region(r, lo, full_lo, full_hi, hi)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                    k_start, rows, offs_n, offs_d, start, end, len_q, len_k, diag,
+                                    window_left, window_right, qk_scale, softcap, r != 1,
+                                    HEAD_DIM, BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT,
+                                    WINDOW_RIGHT, UPCAST, PRECISION)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -348,21 +352,13 @@ def _varlen_attn_bwd_dkdv_kernel(
         do_base = dout_ptr + head * stride_doh
         lse_base = lse_ptr + head * total_q
         delta_base = delta_ptr + head * total_q
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                              stride_dot, q_start, cols, offs_m, offs_d, lo, full_lo, len_q,
-                              len_k, diag, window_left, window_right, qk_scale, softcap, True,
-                              HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-                              UPCAST, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                              stride_dot, q_start, cols, offs_m, offs_d, full_lo, full_hi, len_q,
-                              len_k, diag, window_left, window_right, qk_scale, softcap, False,
-                              HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-                              UPCAST, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                              stride_dot, q_start, cols, offs_m, offs_d, full_hi, hi, len_q,
-                              len_k, diag, window_left, window_right, qk_scale, softcap, True,
-                              HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-                              UPCAST, PRECISION)
+        for r in tl.static_range(3):
+            start, end = _region(r, lo, full_lo, full_hi, hi)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                  stride_dot, q_start, cols, offs_m, offs_d, start, end, len_q,
+                                  len_k, diag, window_left, window_right, qk_scale, softcap,
+                                  r != 1, HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT,
+                                  WINDOW_RIGHT, UPCAST, PRECISION)
     _store_tile(dk_ptr + kv_head * stride_dkh, k_start + cols, stride_dkt, offs_d, col_ok,
                 dk * sm_scale, HEAD_DIM, UPCAST)
     _store_tile(dv_ptr + kv_head * stride_dvh, k_start + cols, stride_dvt, offs_d, col_ok, dv,
@@ -440,18 +436,12 @@ def _varlen_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m_start, len_k, diag, window_left, window_right,
                                           BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_start, rows,
-                    offs_n, offs_d, lo, full_lo, len_q, len_k, diag, window_left, window_right,
-                    qk_scale, softcap, True, HEAD_DIM, BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT,
-                    WINDOW_RIGHT, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_start, rows,
-                    offs_n, offs_d, full_lo, full_hi, len_q, len_k, diag, window_left,
-                    window_right, qk_scale, softcap, False, HEAD_DIM, BLOCK_N, BLOCK_D, SOFTCAP,
-                    WINDOW_LEFT, WINDOW_RIGHT, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_start, rows,
-                    offs_n, offs_d, full_hi, hi, len_q, len_k, diag, window_left, window_right,
-                    qk_scale, softcap, True, HEAD_DIM, BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT,
-                    WINDOW_RIGHT, UPCAST, PRECISION)
+    for r in tl.static_range(3):
+        start, end = _region(r, lo, full_lo, full_hi, hi)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_start,
+                        rows, offs_n, offs_d, start, end, len_q, len_k, diag, window_left,
+                        window_right, qk_scale, softcap, r != 1, HEAD_DIM, BLOCK_N, BLOCK_D,
+                        SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, UPCAST, PRECISION)
     _store_tile(dq_ptr + head * stride_dqh, q_start + rows, stride_dqt, offs_d, row_ok,
                 dq * sm_scale, HEAD_DIM, UPCAST)
 
