@@ -24,12 +24,19 @@ def _fasttrain_optim_importable():
         return False
 
 
+def run_suite(suite: str, out: Path) -> dict:
+    """``python -m bench --suite SUITE --sizes tiny --device cpu``, as `make bench` runs it
+    (without the Triton interpreter: CPU tensors take the references); the JSON it wrote."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "bench", "--suite", suite, "--sizes", "tiny",
+                    "--device", "cpu", "--out", str(out)], cwd=REPO, check=True, timeout=900,
+                   env=env)
+    (path,) = out.glob(f"{suite}-*.json")
+    return json.loads(path.read_text())
+
+
 def test_adamw_suite_tiny(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--suite", "adamw", "--sizes", "tiny",
-                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
-                   timeout=600)
-    (path,) = tmp_path.glob("adamw-*.json")
-    doc = json.loads(path.read_text())
+    doc = run_suite("adamw", tmp_path)
     rows = doc["rows"]
     # measured once at the start of the run, recorded in the environment (and so in every row)
     assert doc["env"]["peak_copy_gbps"] > 0 and doc["env"]["peak_matmul_tflops"] > 0
@@ -52,11 +59,7 @@ def test_adamw_suite_tiny(tmp_path):
 
 
 def test_varlen_attn_suite_tiny(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--suite", "varlen_attn", "--sizes", "tiny",
-                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
-                   timeout=600)
-    (path,) = tmp_path.glob("varlen_attn-*.json")
-    doc = json.loads(path.read_text())
+    doc = run_suite("varlen_attn", tmp_path)
     rows = doc["rows"]
     assert doc["matmul_probe"]["flops"] > 0
     assert {r["provider"] for r in rows} == {"fasttrain-torch", "sdpa-padded"}
@@ -79,11 +82,7 @@ LORA_FIELDS = ROW_FIELDS | {"flops", "tflops", "saved_bytes", "peak_bytes"}
 
 
 def test_lora_suite_tiny(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--suite", "lora", "--sizes", "tiny",
-                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
-                   timeout=600)
-    (path,) = tmp_path.glob("lora-*.json")
-    doc = json.loads(path.read_text())
+    doc = run_suite("lora", tmp_path)
     rows = doc["rows"]
 
     providers = {r["provider"] for r in rows}
@@ -107,13 +106,7 @@ def test_lora_suite_tiny(tmp_path):
 
 
 def test_e2e_suite_tiny(tmp_path):
-    # as `make bench` runs it: without the Triton interpreter (CPU tensors take the references)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "bench", "--suite", "e2e", "--sizes", "tiny",
-                    "--device", "cpu", "--out", str(tmp_path)], cwd=REPO, check=True,
-                   timeout=900, env=env)
-    (path,) = tmp_path.glob("e2e-*.json")
-    rows = json.loads(path.read_text())["rows"]
+    rows = run_suite("e2e", tmp_path)["rows"]
     assert {(r["mode"], r["provider"]) for r in rows} == {
         ("lora", s) for s in ("baseline", "+attention", "+lora", "+adamw", "fasttrain")} | {
         ("full", s) for s in ("baseline", "+attention", "+adamw", "fasttrain")}
