@@ -27,12 +27,14 @@ $PY -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log"
 
 step "compute-sanitizer memcheck (small runs)"
 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  $PY -m pytest -q -m gpu -p no:cacheprovider -k "gpu_backend_is_chosen or test_gqa" 2>&1 | tail -5 \
+  $PY -m pytest -q -m gpu -p no:cacheprovider -k "gpu_backend_is_chosen or test_gqa or lora_linear_gpu" 2>&1 | tail -5 \
   | tee "$OUT/memcheck.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "benchmarks"
-$PY -m bench --suite adamw varlen_attn --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+# one device call may last 10 minutes: SUITES="adamw" (etc.) splits the work over calls
+$PY -m bench --suite ${SUITES:-adamw varlen_attn lora e2e} --device cuda --out "$OUT" 2>&1 \
+  | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done, status $status"
