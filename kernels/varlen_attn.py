@@ -85,6 +85,16 @@ def _store_tile(ptr, idx, stride, offs_d, idx_mask, x, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
+def _operand(x, like, UPCAST: tl.constexpr):
+    # x (fp32) as a dot operand next to ``like``: the inputs' dtype, as on the GPU. Under the
+    # interpreter with bf16 inputs (UPCAST: operands held in fp32) the bf16 rounding is
+    # reproduced by bit operations, so the tests see the GPU's arithmetic.
+    if UPCAST:
+        return round_to_bf16_bits(x, None).to(tl.float32)
+    return x.to(like.dtype)
+
+
+@triton.jit
 def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     # Scores of a (BLOCK_M, BLOCK_N) block in the log2 domain, and tanh of the capped scores
     # (the backward needs it). Without softcap: qk_scale = scale * log2(e). With it:
@@ -192,7 +202,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
         p = tl.exp2(s - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        pv = tl.dot(_operand(p, v, UPCAST), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
 
@@ -300,12 +311,14 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
             ok = _visible(rows, cols, len_q, len_k, diag, window_left, window_right, True,
                           WINDOW_LEFT, WINDOW_RIGHT)
             p = tl.where(ok, p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(_operand(p, do, UPCAST)), do,
+                      input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(_operand(ds, q, UPCAST)), q,
+                      input_precision=PRECISION)
     return dk, dv
 
 
@@ -389,7 +402,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_st
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(_operand(ds, k, UPCAST), k, input_precision=PRECISION)
     return dq
 
 
@@ -514,7 +527,8 @@ def tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int, n_til
     blk = t - (ends - blocks)[seq]
     first, last = blk * block, (blk + 1) * block - 1  # token range of the tile (in its sequence)
     mine, other = lens[seq], lens_other[seq]
-    if keys:  # key tile [first, last]: query i sees key j when j - diag - right <= i <= j - diag + left
+    if keys:  # key tile [first, last]; query i sees key j when
+        # j - diag - right <= i <= j - diag + left
         diag = mine - other
         lo = (first - diag - window_right).clamp_min(0) if window_right >= 0 else 0 * first
         hi = torch.minimum(last - diag + window_left + 1, other) if window_left >= 0 else other

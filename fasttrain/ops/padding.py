@@ -17,7 +17,8 @@ def _cu_seqlens(lengths: Tensor) -> Tensor:
 def cu_seqlens_from_mask(attention_mask: Tensor) -> tuple[Tensor, int]:
     """(cu_seqlens int32 (batch + 1,), max_seqlen) from a (batch, seqlen) attention mask."""
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, seqlen), got {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be (batch, seqlen), got "
+                         f"{tuple(attention_mask.shape)}")
     lengths = attention_mask.bool().sum(-1, dtype=torch.int32)
     return _cu_seqlens(lengths), int(lengths.max()) if lengths.numel() else 0
 

@@ -233,7 +233,8 @@ def _choose_backend(q: Tensor, backend: str | None) -> str:
         if reason is None and q.dtype not in SUPPORTED_DTYPES:
             reason = f"the Triton kernels take {SUPPORTED_DTYPES}, not {q.dtype}"
         if reason is None:
-            _backend.log_once(FAMILY, "triton", "requested" if choice else f"{q.device.type} tensors")
+            why = "requested" if choice else f"{q.device.type} tensors"
+            _backend.log_once(FAMILY, "triton", why)
             return "triton"
         if choice == "triton":
             raise RuntimeError(f"varlen_attention: backend 'triton' cannot run here: {reason}")
