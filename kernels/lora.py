@@ -56,7 +56,7 @@ def _dropout(x, rows, cols, n_cols, seed, p):
 @triton.jit
 def _lora_thin_kernel(
     x, l, index, seed_ptr, out,
-    M, K, R, RANK, scale, p,
+    M, K, R, RANK, M_BUCKET, scale, p,
     stride_xm, stride_xk, stride_lr, stride_lk, stride_om, stride_or,
     DROPOUT: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,7 +93,7 @@ def _lora_thin_kernel(
 @triton.jit
 def _lora_gemm_kernel(
     x, w, s, l, bias, seed_ptr, out,
-    M, N, K, R, scale, p,
+    M, N, K, R, M_BUCKET, scale, p,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_ln, stride_lr,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -240,9 +240,16 @@ def _tuned(kind, dtype):
     key = (kind, interpret, dtype == torch.float32)
     if key not in _TUNED:
         fn = {"gemm": _lora_gemm_kernel, "thin": _lora_thin_kernel}[kind]
-        keys = ["M", "N", "K", "R"] if kind == "gemm" else ["M", "K", "R"]
+        # M_BUCKET, not M: packed batches change M every step, and each new key value would
+        # benchmark every config again (and could not be captured in a CUDA graph)
+        keys = ["M_BUCKET", "N", "K", "R"] if kind == "gemm" else ["M_BUCKET", "K", "R"]
         _TUNED[key] = triton.autotune(configs=configs(kind, interpret, dtype), key=keys)(fn)
     return _TUNED[key]
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning key for the number of rows: the next power of two."""
+    return triton.next_power_of_2(m)
 
 
 def block_r(r: int) -> int:
@@ -277,7 +284,7 @@ def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))
     _tuned("thin", x.dtype)[grid](
         x, l, index if index is not None else out, seed if dropout else _no_seed(x.device), out,
-        M, K, R, rank, scale / (1.0 - dropout_p), dropout_p,
+        M, K, R, rank, m_bucket(M), scale / (1.0 - dropout_p), dropout_p,
         x.stride(0), x.stride(1), l.stride(0), l.stride(1), out.stride(0), out.stride(1),
         DROPOUT=dropout, MULTI=index is not None, BLOCK_R=br, **_flags(x.dtype))
     return out
@@ -303,7 +310,7 @@ def lora_gemm(x, w, s, l, bias=None, *, scale=1.0, dropout_p=0.0, seed=None, out
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _tuned("gemm", x.dtype)[grid](
         x, w, s, l, bias if bias is not None else out, seed if dropout else _no_seed(x.device),
-        out, M, N, K, R, scale / (1.0 - dropout_p), dropout_p,
+        out, M, N, K, R, m_bucket(M), scale / (1.0 - dropout_p), dropout_p,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         l.stride(0), l.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, DROPOUT=dropout,

@@ -179,6 +179,28 @@ def test_multi_with_one_adapter_equals_single():
     assert_close(y, lora_linear(**t, scaling=0.5), rel=1e-6, name="y")
 
 
+def test_multi_with_a_strided_or_expanded_index():
+    t, _ = _inputs("cpu", torch.float32, (12,), 40, 30, 8, bias=True)
+    gen = torch.Generator().manual_seed(3)
+    multi = dict(t, lora_A=torch.randn(3, 8, 40, generator=gen),
+                 lora_B=torch.randn(3, 30, 8, generator=gen))
+    for index in (torch.randint(0, 3, (24,), generator=gen)[::2],  # stride 2
+                  torch.tensor(2).expand(12)):  # stride 0
+        y = lora_linear_multi(**multi, adapter_index=index, scaling=0.5)
+        expected = lora_linear_multi(**multi, adapter_index=index.contiguous(), scaling=0.5,
+                                     backend="torch")
+        assert_close(y, expected, rel=1e-5, name="y")
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    t, _ = _inputs("cpu", torch.float32, (9,), 32, 24, 8, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(**t, scaling=0.5)
+        expected = lora_linear(**t, scaling=0.5, backend="torch")
+    assert y.dtype == torch.bfloat16 == expected.dtype
+    assert_close(y, expected, rel=1e-2, name="y")
+
+
 # --- validation, backends -------------------------------------------------------------------
 
 def _bad(**changes):
@@ -252,6 +274,10 @@ def test_opcheck():
     for need_dx in (True, False):
         torch.library.opcheck(torch.ops.fasttrain.lora_linear_bwd.default,
                               (dy, x, w, a, b, s, seed, None, 0.5, 0.25, 8, need_dx))
+    # transposed (non-contiguous) adapters: the fake's strides must match the real op's
+    torch.library.opcheck(torch.ops.fasttrain.lora_linear_bwd.default,
+                          (dy, x, w, a.t().contiguous().t(), b.t().contiguous().t(), s, seed,
+                           None, 0.5, 0.25, 8, True))
 
 
 def test_torch_compile_fullgraph_module():
@@ -376,6 +402,35 @@ def test_fuse_lora_trains_with_dropout():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert unfuse_lora(model) == 2
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fused_model_pickles_and_autocast_matches_peft(tmp_path):
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    fuse_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert_close(y, expected, rel=2e-2, name="autocast")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert_close(loaded(x), model(x), rel=1e-6, name="reloaded")
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_base_layers_with_hooks_stay_on_peft():
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    model.get_base_model().fc1.base_layer.register_forward_pre_hook(lambda m, args: None)
+    report = fuse_lora(model)
+    assert report.fused == ["base_model.model.fc2"]
+    assert "hooks" in report.not_fused["base_model.model.fc1"]
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")

@@ -13,9 +13,10 @@ peft is imported lazily; it is not a dependency of fasttrain.
 """
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fasttrain.ops.lora import DTYPES, lora_linear
@@ -74,15 +75,20 @@ def _why_not(module) -> str | None:
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
     if module.merged:
         return "adapter weights are merged into the base layer"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    if type(base.weight.data) is not torch.Tensor:
+        return f"the base weight is a {type(base.weight.data).__name__}, not a plain tensor"
     return None
 
 
 def _fused_forward(self, x, *args, **kwargs):
     name = getattr(self, _MARK)[0]
-    if args or kwargs or self.disable_adapters or x.dtype != self.get_base_layer().weight.dtype \
-            or _why_not(self) is not None or list(self.active_adapters) != [name]:
-        return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
+    if args or kwargs or self.disable_adapters or x.dtype != base.weight.dtype \
+            or x.device != base.weight.device or _why_not(self) is not None \
+            or list(self.active_adapters) != [name]:
+        return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lora_a = self.lora_A[name].weight.to(x.dtype)
@@ -105,7 +111,8 @@ def fuse_lora(model: nn.Module) -> FuseReport:
             report.not_fused[name] = reason
             continue
         setattr(module, _MARK, (list(module.active_adapters)[0], module.__dict__.get("forward")))
-        module.forward = types.MethodType(_fused_forward, module)
+        # a partial of a module-level function (not a bound method): torch.save(model) pickles
+        module.forward = functools.partial(_fused_forward, module)
         report.fused.append(name)
     return report
 

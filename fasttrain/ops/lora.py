@@ -97,8 +97,9 @@ def _lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
 
 @_lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, seed, index, scaling, dropout_p, rank, need_dx):
-    return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(lora_A),
-            torch.empty_like(lora_B))
+    # the real op returns contiguous gradients, whatever the strides of lora_A and lora_B
+    return (x.new_empty(x.shape if need_dx else (0,)), lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -205,6 +206,16 @@ def _seed(dropout_p, device):
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def _autocast(*tensors):
+    """Under torch.autocast, the tensors in the autocast dtype (as F.linear would compute)."""
+    x = tensors[0]
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                 for t in tensors)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
     """y = x W^T + b + scaling * dropout(x) A^T B^T.
 
@@ -214,7 +225,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     > 0 (pass 0.0 in eval). Returns (..., N) in x's dtype. Gradients: x, lora_A, lora_B, and
     weight / bias when they require grad.
     backend: "triton", "torch" or None (automatic; FASTTRAIN_BACKEND sets it globally).
+    Under ``torch.autocast`` every tensor is cast to the autocast dtype first, as for F.linear.
     """
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     K, N, r = _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if _choose_backend(backend, x.device) == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
@@ -234,6 +247,7 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_index, scaling, d
     rank n_adapters * r with the columns of other adapters masked out per row, so its cost grows
     with n_adapters * r: it suits a handful of adapters.
     """
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     if not isinstance(lora_A, Tensor) or lora_A.dim() != 3:
         raise ValueError("lora_A must be (n_adapters, r, K), got "
                          f"{tuple(lora_A.shape) if isinstance(lora_A, Tensor) else lora_A!r}")
@@ -255,5 +269,5 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_index, scaling, d
     b_cat = lora_B.permute(1, 0, 2).reshape(N, n_adapters * r)
     y, _ = torch.ops.fasttrain.lora_linear_fwd(
         x.reshape(-1, K), weight, bias, a_cat, b_cat, _seed(dropout_p, x.device),
-        adapter_index.reshape(-1), float(scaling), float(dropout_p), r)
+        adapter_index.reshape(-1).contiguous(), float(scaling), float(dropout_p), r)
     return y.reshape(*x.shape[:-1], N)
