@@ -11,7 +11,8 @@ flagged:
 - ``noise`` when the ratio is beyond the threshold but each run's median lies inside the other
   run's p20-p80 spread (the two runs cannot tell the medians apart).
 
-The exit status is 1 when a regression is flagged, else 0 (for CI).
+The exit status is 1 when a regression is flagged (including a row of the old run that the new
+one lacks), else 0 (for CI).
 """
 from __future__ import annotations
 
@@ -79,9 +80,12 @@ def compare(old: dict, new: dict, threshold: float) -> list[tuple]:
               f"{fmt(n['p50_ms']):>9} {ratio:6.3f}  {flag}")
         if flag == "REGRESSION":
             regressions.append((old["suite"], *key[1:], ratio))
-    for key in old_rows.keys() - new_rows.keys():
+    for key in sorted(old_rows.keys() - new_rows.keys()):
+        # a row that disappeared (a provider that now fails and is skipped) counts as a
+        # regression: it must not hide one
         print(f"{key[1]:30} {key[2]:10} {key[3]:28} {key[4]:9} "
-              f"{fmt(old_rows[key]['p50_ms']):>9} {'-':>9} {'-':>6}  gone")
+              f"{fmt(old_rows[key]['p50_ms']):>9} {'-':>9} {'-':>6}  GONE")
+        regressions.append((old["suite"], *key[1:], float("inf")))
     return regressions
 
 

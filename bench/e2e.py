@@ -129,7 +129,7 @@ def build(ctx: Context, s: Setup, run: str, stack: str):
         attn = "sdpa"
     torch.manual_seed(SEED)
     config = transformers.LlamaConfig(**s.model, max_position_embeddings=s.longest,
-                                      attention_dropout=0.0)
+                                      attention_dropout=0.0, use_cache=False)
     model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config),
                                                           attn_implementation=attn)
     model = model.to(device=ctx.device, dtype=s.dtype)

@@ -169,11 +169,15 @@ def _padded(t: torch.Tensor, lens: list[int], seqlen: int) -> torch.Tensor:
 def sdpa_padded(x: Inputs, s: Shape):
     seqlen = x.max_seqlen
     q, k, v = (_padded(t, x.lens, seqlen) for t in (x.q, x.k, x.v))
-    mask = None
+    mask, gqa = None, {}
     if not s.causal:  # keys past each sequence's end are masked
         lens = torch.tensor(x.lens, device=q.device)
         mask = (torch.arange(seqlen, device=q.device) < lens[:, None])[:, None, None, :]
-    gqa = {"enable_gqa": True} if s.nheads != s.nheads_k else {}
+        # with a mask, SDPA's GQA mode only has the math kernel (scores materialized): repeat
+        # the kv heads instead, so that its memory-efficient kernel takes the mask
+        k, v = (t.repeat_interleave(s.nheads // s.nheads_k, 1) for t in (k, v))
+    elif s.nheads != s.nheads_k:
+        gqa = {"enable_gqa": True}
 
     def fn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(
@@ -191,6 +195,7 @@ def flex_document(x: Inputs, s: Shape):
         same = doc[q_idx] == doc[kv_idx]
         return same & (q_idx >= kv_idx) if s.causal else same
 
+    torch._dynamo.reset()  # one compiled variant per workload: stay clear of the recompile limit
     total = doc.numel()
     block_mask = create_block_mask(document, None, None, total, total, device=x.q.device)
     compiled = torch.compile(flex_attention, dynamic=False)

@@ -351,3 +351,17 @@ def test_warmup_collator_in_dataloader_workers():
     assert all(sched[max(0, s - 2)] <= widths[s] <= sched[s] for s in range(4))
     with pytest.raises(TypeError, match="collate_fn"):
         w.wrap_collator(None)
+
+
+def test_numpy_token_arrays_and_the_epoch_hook_loops_call():
+    np = pytest.importorskip("numpy")
+    examples = [{"input_ids": np.arange(1, n + 1)} for n in (40, 7, 25)]
+    assert pack_sequences(examples, max_tokens=64).batches  # lengths read from the arrays
+    warmup = SeqLenWarmup(max_seqlen=64, start_seqlen=8, warmup_steps=10, multiple_of=8)
+    cut = warmup.apply(examples, step=0)
+    assert [len(e["input_ids"]) for e in cut] == [8, 7, 8]
+    # Lightning and similar loops call batch_sampler.sampler.set_epoch(epoch)
+    sampler = LengthBucketedBatchSampler([5, 9, 3, 7, 8, 2], max_tokens=12, seed=0)
+    first = list(sampler)
+    sampler.sampler.set_epoch(1)
+    assert sampler.epoch == 1 and list(sampler) != first

@@ -56,6 +56,8 @@ def _length_of(item, where: str) -> int:
         return item.numel()
     if isinstance(item, Sequence) and not isinstance(item, str):
         return len(item)
+    if getattr(item, "ndim", None) == 1:  # a NumPy array of tokens
+        return len(item)
     if hasattr(item, "__index__"):
         return operator.index(item)
     raise TypeError(f"{where}: expected an int length, a token sequence or an example dict, "
@@ -278,6 +280,11 @@ class LengthBucketedBatchSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> "LengthBucketedBatchSampler":
+        """Itself: Lightning (and other loops) call ``batch_sampler.sampler.set_epoch``."""
+        return self
 
     def _batches(self) -> list[list[int]]:
         if self._plan is not None and self._plan[0] == self.epoch:

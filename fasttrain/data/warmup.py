@@ -140,7 +140,8 @@ def _cut_example(example, limit: int, i: int):
     n = len(example["input_ids"])
     out = dict(example)
     for key, value in example.items():
-        is_seq = isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1)
+        # lists, tuples, 1-D tensors and 1-D NumPy arrays of tokens
+        is_seq = isinstance(value, (list, tuple)) or getattr(value, "ndim", None) == 1
         if is_seq and len(value) == n:
             out[key] = value[:limit]
     return out

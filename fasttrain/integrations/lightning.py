@@ -67,6 +67,10 @@ class FasttrainClipping(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.log_name is None:
             return
+        # with gradient accumulation the optimizer steps (and measures a norm) every
+        # accumulate_grad_batches batches: log only then, not the previous step's norm again
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.is_last_batch:
+            return
         for i, opt in enumerate(fasttrain_optimizers(trainer)):
             norm = opt.last_grad_norm
             if norm is not None:

@@ -10,7 +10,13 @@ each batch to the scheduled length::
                       callbacks=[SeqLenWarmupCallback(warmup)])
 
 The Trainer's loader collates one batch ahead (more with ``dataloader_num_workers``), so a
-batch is cut with the length of the step before the one that trains on it.
+batch is cut with the length of the step before the one that trains on it (with gradient
+accumulation, the first micro-batch of a step; the others get the step's own length).
+
+The Trainer collates evaluation batches with the same ``data_collator``: evaluations during
+the warmup see the cut lengths too, and their losses are not comparable with later ones.
+Evaluate after the warmup, or give evaluation its own collator (override
+``Trainer.get_eval_dataloader``).
 """
 from __future__ import annotations
 
