@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fasttrain.ops.padding import cu_seqlens_from_position_ids, pad
+from fasttrain.ops.padding import cu_seqlens_from_lengths, cu_seqlens_from_position_ids, pad
 from fasttrain.ops.varlen_attn import varlen_attention
 
 NAME = "fasttrain"
@@ -102,14 +102,10 @@ def _unpad_data(attention_mask: torch.Tensor, q_len: int):
         mask = attention_mask.bool()
         q_mask = mask[:, -q_len:]
         entry[1][q_len] = (torch.nonzero(q_mask.reshape(-1)).flatten(),
-                           _cu(q_mask.sum(-1, dtype=torch.int32)),
+                           cu_seqlens_from_lengths(q_mask.sum(-1, dtype=torch.int32)),
                            torch.nonzero(mask.reshape(-1)).flatten(),
-                           _cu(mask.sum(-1, dtype=torch.int32)))
+                           cu_seqlens_from_lengths(mask.sum(-1, dtype=torch.int32)))
     return entry[1][q_len]
-
-
-def _cu(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
 def _arange_cu(batch: int, seqlen: int, device) -> torch.Tensor:

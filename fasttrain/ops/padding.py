@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 
-def _cu_seqlens(lengths: Tensor) -> Tensor:
+def cu_seqlens_from_lengths(lengths: Tensor) -> Tensor:
+    """cu_seqlens int32 (batch + 1,) from sequence lengths (batch,), on their device."""
     return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
@@ -20,7 +21,7 @@ def cu_seqlens_from_mask(attention_mask: Tensor) -> tuple[Tensor, int]:
         raise ValueError(f"attention_mask must be (batch, seqlen), got "
                          f"{tuple(attention_mask.shape)}")
     lengths = attention_mask.bool().sum(-1, dtype=torch.int32)
-    return _cu_seqlens(lengths), int(lengths.max()) if lengths.numel() else 0
+    return cu_seqlens_from_lengths(lengths), int(lengths.max()) if lengths.numel() else 0
 
 
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
