@@ -276,3 +276,24 @@ def test_readme_section_names_its_files(tmp_path):
     assert f"{fmt(fused['p50_ms'])} (1.00x)" in section
     with pytest.raises(ValueError, match="markers"):
         readme.render("no markers here", section)
+
+
+def test_tune_sweep_tiny(tmp_path):
+    """`python -m bench.tune` on the CPU: the Triton interpreter, two candidates per kernel,
+    compiled in worker processes, each checked against the current config and timed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "bench.tune", "--device", "cpu", "--head-dim", "32",
+                    "--jobs", "2", "--out", str(tmp_path)], cwd=REPO, check=True, timeout=900,
+                   env=env)
+    (path,) = tmp_path.glob("tune-varlen_attn-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["env"]["command"].startswith("python -m bench.tune")
+    (sweep,) = doc["sweeps"]
+    assert sweep["head_dim"] == 32 and set(sweep["best"]) == {"fwd", "dkdv", "dq"}
+    for kind in ("fwd", "dkdv", "dq"):
+        rows = [r for r in sweep["results"] if r["kind"] == kind]
+        assert len(rows) == 3 and sum(r["current"] for r in rows) == 1
+        for r in rows:
+            assert "error" not in r, r
+            assert r["ms"] > 0 and r["max_rel_err"] < 1e-5
+        assert sweep["best"][kind] == min(rows, key=lambda r: r["ms"])["config"]
