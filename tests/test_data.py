@@ -215,6 +215,40 @@ def test_sampler_coverage_budget_determinism(padded):
     assert s.efficiency == pytest.approx(sum(lengths) / (len(epoch1) * 512), rel=1e-12)
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_shards_batches_over_ranks(drop_last):
+    lengths = _random_lengths(300, 1, 200, seed=14)
+    kw = dict(max_tokens=512, bucket_size=64, seed=5, drop_last=drop_last)
+    whole = list(LengthBucketedBatchSampler(lengths, **kw))
+    world = 4
+    assert len(whole) % world, "the case must need evening out"
+    ranks = [LengthBucketedBatchSampler(lengths, num_replicas=world, rank=r, **kw)
+             for r in range(world)]
+    shards = [list(s) for s in ranks]
+    n = len(whole) // world if drop_last else -(-len(whole) // world)
+    assert [len(x) for x in shards] == [len(s) for s in ranks] == [n] * world, "same step count"
+    # step t of rank r is batch t * world + r of the one-process plan (repeated from its start)
+    padded = whole + whole[:n * world - len(whole)]
+    assert all(shards[r][t] == padded[t * world + r] for r in range(world) for t in range(n))
+    seen = sorted(i for x in shards for b in x for i in b)
+    if drop_last:
+        assert len(seen) == len(set(seen)), "no index twice"
+    else:
+        assert set(seen) == set(range(300)), "every index at least once"
+    stats = ranks[1].stats()
+    real = sum(lengths[i] for b in shards[1] for i in b)
+    assert stats["real_tokens"] == real and stats["batches"] == n
+    assert ranks[1].efficiency == pytest.approx(real / (n * 512))
+    for s in ranks:  # a new epoch reshuffles on every rank alike
+        s.set_epoch(1)
+    assert sorted(len(s) for s in ranks) == [len(ranks[0])] * world
+    assert [list(s) for s in ranks] != shards
+    with pytest.raises(ValueError, match="rank must be in"):
+        LengthBucketedBatchSampler(lengths, 512, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="num_replicas must be >= 1"):
+        LengthBucketedBatchSampler(lengths, 512, num_replicas=0)
+
+
 def test_sampler_packs_tightly_and_unshuffled_order():
     lengths = _random_lengths(400, 1, 300, seed=12)
     s = LengthBucketedBatchSampler(lengths, 1024, bucket_size=400, shuffle=False)

@@ -250,8 +250,8 @@ class LengthBucketedBatchSampler(Sampler):
     Each epoch the indices are shuffled with ``seed + epoch``, cut into buckets of
     ``bucket_size`` examples, and each bucket is packed by best-fit decreasing (a bigger bucket
     packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
-    appears exactly once per epoch. Call ``set_epoch(epoch)`` each epoch, like
-    ``DistributedSampler``.
+    appears exactly once per epoch (over all ranks, apart from the repeats that even them out;
+    see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like ``DistributedSampler``.
 
     lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
     max_tokens: token budget per batch.
@@ -260,14 +260,29 @@ class LengthBucketedBatchSampler(Sampler):
         by length and cut greedily, which keeps similar lengths together.
     truncate: as in ``pack_sequences`` (over-long examples error, or count as ``max_tokens``).
     shuffle: False keeps the index order (buckets in order, batches in packing order).
+    num_replicas, rank: data-parallel sharding for a plain DDP/FSDP loop (pass the world size
+        and this process's rank). Every rank plans the same epoch from the same seed and takes
+        every ``num_replicas``-th batch, so all ranks run the same number of steps: the last
+        batches are repeated from the start to make the count divisible, or dropped with
+        ``drop_last=True``. Leave the default (1, 0) under HF Trainer/accelerate, which shard
+        a batch sampler themselves.
 
-    ``efficiency`` (and ``stats()``) report the epoch's real tokens / (batches * max_tokens).
+    ``efficiency`` (and ``stats()``) report the real tokens of this rank's batches /
+    (batches * max_tokens).
     """
 
     def __init__(self, lengths, max_tokens: int, *, bucket_size: int = 1024, shuffle: bool = True,
-                 seed: int = 0, padded: bool = False, truncate: bool = False):
+                 seed: int = 0, padded: bool = False, truncate: bool = False,
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
         self.max_tokens = _check_budget(max_tokens)
         self.bucket_size = _check_budget(bucket_size, "bucket_size")
+        self.num_replicas = _check_budget(num_replicas, "num_replicas")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        if not 0 <= rank < self.num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {rank}")
+        self.rank = rank
+        self.drop_last = bool(drop_last)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.lengths = _clip_lengths(_lengths(lengths, "lengths"), self.max_tokens, truncate,
@@ -302,6 +317,13 @@ class LengthBucketedBatchSampler(Sampler):
         if self.shuffle:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
+        if self.num_replicas > 1:
+            if self.drop_last:
+                batches = batches[:len(batches) - len(batches) % self.num_replicas]
+            elif batches:
+                short = -len(batches) % self.num_replicas
+                batches = batches + [batches[i % len(batches)] for i in range(short)]
+            batches = batches[self.rank::self.num_replicas]
         self._plan = (self.epoch, batches)
         return batches
 
@@ -327,7 +349,7 @@ class LengthBucketedBatchSampler(Sampler):
     def stats(self) -> dict:
         """{'batches', 'real_tokens', 'budget_tokens', 'efficiency'} of the current epoch."""
         batches = self._batches()
-        real = sum(self.lengths)
+        real = sum(self.lengths[i] for b in batches for i in b)
         budget = len(batches) * self.max_tokens
         return dict(batches=len(batches), real_tokens=real, budget_tokens=budget,
                     efficiency=real / budget if budget else 0.0)
