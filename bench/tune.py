@@ -41,7 +41,8 @@ def candidates(kind: str, head_dim: int, tiny: bool) -> list[dict]:
     if kind == "fwd":
         space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
     elif kind == "dkdv":  # BLOCK_N is the owned key block, BLOCK_M the query step
-        space = itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))
+        keys = (32, 64, 128) if head_dim > 128 else (64, 128)
+        space = itertools.product((16, 32, 64), keys, (4, 8), (1, 2, 3))
     else:  # dq: BLOCK_M is the owned query block, BLOCK_N the key step
         space = itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))
     out = []

@@ -96,8 +96,8 @@ def _operand(x, like, UPCAST: tl.constexpr):
 
 @triton.jit
 def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    # Scores of a (BLOCK_M, BLOCK_N) block in the log2 domain, and tanh of the capped scores
-    # (the backward needs it). Without softcap: qk_scale = scale * log2(e). With it:
+    # Scores q k^T of a block in the log2 domain, and tanh of the capped scores (the backward
+    # needs it); called with (k, q) for the transposed block. Without softcap: qk_scale = scale * log2(e). With it:
     # qk_scale = scale / softcap and softcap = softcap * log2(e).
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if SOFTCAP:
@@ -109,14 +109,15 @@ def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.conste
 @triton.jit
 def _visible(rows, cols, len_q, len_k, diag, window_left, window_right, CHECK_ROWS: tl.constexpr,
              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    # (rows, cols) pairs of one block where query row sees key col.
-    ok = (cols < len_k)[None, :]
+    # Where query row sees key col, over one block: rows and cols are query and key indices
+    # broadcastable to the block's shape ([:, None] and [None, :], or transposed).
+    ok = cols < len_k
     if CHECK_ROWS:
-        ok = ok & (rows < len_q)[:, None]
+        ok = ok & (rows < len_q)
     if WINDOW_LEFT:
-        ok = ok & (cols[None, :] >= rows[:, None] + diag - window_left)
+        ok = ok & (cols >= rows + diag - window_left)
     if WINDOW_RIGHT:
-        ok = ok & (cols[None, :] <= rows[:, None] + diag + window_right)
+        ok = ok & (cols <= rows + diag + window_right)
     return ok
 
 
@@ -190,8 +191,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
                        HEAD_DIM, BLOCK_D, UPCAST)
         s, _ = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         if MASKED:
-            ok = _visible(rows, cols, len_q, len_k, diag, window_left, window_right, False,
-                          WINDOW_LEFT, WINDOW_RIGHT)
+            ok = _visible(rows[:, None], cols[None, :], len_q, len_k, diag, window_left,
+                          window_right, False, WINDOW_LEFT, WINDOW_RIGHT)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen no key yet keeps max -inf: subtract 0 instead (exp2 -> 0)
@@ -305,20 +306,20 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
         else:
             lse = tl.load(lse_base + q_start + rows)
             delta = tl.load(delta_base + q_start + rows)
-        s, t = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        # transposed blocks, (BLOCK_N, BLOCK_M): every dot then has BLOCK_N rows (wgmma wants
+        # 64 per warpgroup) while BLOCK_M, the query step, may stay small
+        st, tt = _scores(k, q, qk_scale, softcap, SOFTCAP, PRECISION)
+        pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
         if MASKED:
-            ok = _visible(rows, cols, len_q, len_k, diag, window_left, window_right, True,
-                          WINDOW_LEFT, WINDOW_RIGHT)
-            p = tl.where(ok, p, 0.0)
-        dv += tl.dot(tl.trans(_operand(p, do, UPCAST)), do,
-                      input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+            ok = _visible(rows[None, :], cols[:, None], len_q, len_k, diag, window_left,
+                          window_right, True, WINDOW_LEFT, WINDOW_RIGHT)
+            pt = tl.where(ok, pt, 0.0)
+        dv += tl.dot(_operand(pt, do, UPCAST), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dk += tl.dot(tl.trans(_operand(ds, q, UPCAST)), q,
-                      input_precision=PRECISION)
+            dst = dst * (1.0 - tt * tt)
+        dk += tl.dot(_operand(dst, q, UPCAST), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -395,8 +396,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, k_st
         s, t = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            ok = _visible(rows, cols, len_q, len_k, diag, window_left, window_right, False,
-                          WINDOW_LEFT, WINDOW_RIGHT)
+            ok = _visible(rows[:, None], cols[None, :], len_q, len_k, diag, window_left,
+                          window_right, False, WINDOW_LEFT, WINDOW_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -473,9 +474,10 @@ def block_d(head_dim: int) -> int:
 def configs(head_dim: int, dtype: torch.dtype = torch.bfloat16,
             interpret: bool | None = None) -> dict:
     """Block sizes and launch options per kernel: {"fwd"|"dkdv"|"dq": dict(BLOCK_M, BLOCK_N,
-    num_warps, num_stages)}. H100 choices, set before any GPU tuning (issue 6 tunes them);
-    fp32 inputs take half-size blocks (shared memory). The interpreter gets big blocks (it
-    pays per program, not per element)."""
+    num_warps, num_stages)}. H100 choices made without a GPU (bench/NOTES.md): from the sm_90
+    builds, configs whose dots all compile to wgmma with no or little register spilling;
+    ``python -m bench.tune`` times them on a GPU (issue 6). fp32 inputs take half-size blocks
+    (shared memory). The interpreter gets big blocks (it pays per program, not per element)."""
     if _interpret() if interpret is None else interpret:
         one = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
         return {"fwd": one, "dkdv": one, "dq": one}
@@ -485,12 +487,12 @@ def configs(head_dim: int, dtype: torch.dtype = torch.bfloat16,
                 "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)}
     elif head_dim <= 128:
         cfgs = {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
                 "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
     else:
         cfgs = {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                 "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-                "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)}
+                "dq": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)}
     if dtype == torch.float32:
         cfgs = {kind: dict(cfg, BLOCK_M=max(16, cfg["BLOCK_M"] // 2),
                            BLOCK_N=max(16, cfg["BLOCK_N"] // 2)) for kind, cfg in cfgs.items()}

@@ -106,8 +106,12 @@ def check_varlen_attn_kernels(dtype, head_dim, **flags):
                          ("dq", varlen_attn._varlen_attn_bwd_dq_kernel)):
         cfg = dict(cfgs[kind])
         sig, attrs = _varlen_sig(kernel, dtype)
-        compile_sm90(kernel, sig, dict(consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
-                     cfg["num_warps"], cfg["num_stages"], attrs)
+        out = compile_sm90(kernel, sig, dict(consts, BLOCK_M=cfg["BLOCK_M"],
+                                             BLOCK_N=cfg["BLOCK_N"]),
+                           cfg["num_warps"], cfg["num_stages"], attrs)
+        if dtype != "fp32" and head_dim <= 128:  # Hopper's tensor-core path for every dot
+            ptx = out.asm["ptx"]
+            assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (kind, dtype, head_dim)
     kernel = varlen_attn._varlen_attn_bwd_preprocess_kernel
     sig, attrs = _varlen_sig(kernel, dtype)
     compile_sm90(kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_T=128, BLOCK_D=consts["BLOCK_D"],
