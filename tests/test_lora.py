@@ -483,3 +483,14 @@ def test_fused_saves_less_than_peft_style_gpu():
     assert saved <= 8192 * 16 * 4 + 64 * 1024, saved
     y.backward(dy)
     assert all(torch.isfinite(t[k].grad).all() for k in ("x", "lora_A", "lora_B"))
+
+
+def test_gemm_autotuning_separates_and_prunes_the_dropout_variant():
+    """The dropout variant of the gemm (dx with dropout) holds two accumulator tiles: it is
+    tuned under its own key, over the configs whose tile fits 64 fp32 elements per thread."""
+    gemm = kernels.configs("gemm", interpret=False)
+    kept = kernels._fitting_configs(gemm, {}, DROPOUT=True)
+    assert 0 < len(kept) < len(gemm)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in kept)
+    assert kernels._fitting_configs(gemm, {}, DROPOUT=False) == gemm
+    assert "DROPOUT" in kernels._tuned("gemm", torch.bfloat16).keys
