@@ -6,8 +6,8 @@ the baseline with one fasttrain piece at a time.
   cut into micro-batches of at most the step's token budget of padded tokens, as with
   ``group_by_length``; gradients accumulated), peft LoRA, ``torch.optim.AdamW(fused=True)``.
 - fasttrain: one packed row per step (position ids restarting at 0, labels masked at the
-  boundaries) through ``attn_implementation="fasttrain"``, peft LoRA layers patched by
-  ``fuse_lora``, ``fasttrain.optim.AdamW``.
+  boundaries, cu_seqlens as FlashAttention kwargs) through ``attn_implementation="fasttrain"``,
+  peft LoRA layers patched by ``fuse_lora``, ``fasttrain.optim.AdamW``.
 - ``+attention``, ``+lora``, ``+adamw``: the baseline with that one piece from fasttrain.
 
 Every stack starts from the same weights and sees the same sequences in the same order; the
@@ -104,12 +104,18 @@ def padded_microbatches(seqs: list[torch.Tensor], budget: int, device) -> list[d
 
 
 def packed_row(seqs: list[torch.Tensor], device) -> list[dict]:
-    """One row; each sequence's first label is masked so no token predicts across a boundary."""
+    """One row; each sequence's first label is masked so no token predicts across a boundary.
+    With the sequence boundaries as FlashAttention kwargs (as ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)`` gives them): the attention needs no host sync."""
     ids = torch.cat(seqs)[None]
     labels = torch.cat([torch.cat([torch.tensor([-100]), s[1:]]) for s in seqs])[None]
     position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    lens = torch.tensor([len(s) for s in seqs])
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(device, torch.int32)
+    longest = int(lens.max())
     return [{"input_ids": ids.to(device), "position_ids": position_ids.to(device),
-             "labels": labels.to(device)}]
+             "labels": labels.to(device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+             "max_length_q": longest, "max_length_k": longest}]
 
 
 def real_targets(seqs: list[torch.Tensor]) -> int:
