@@ -57,6 +57,17 @@ def _torch_3matmul(t, w):
     return fwd, [t["x"], t["lora_A"], t["lora_B"]]
 
 
+def _torch_addmm(t, w):
+    """The leanest torch arrangement: cuBLAS x W^T + b, then the LoRA term accumulated into
+    the same output by a second cuBLAS GEMM (addmm_, beta=1): no separate elementwise add.
+    What fasttrain's fused Triton GEMM has to beat if it is to be worth its code."""
+    def fwd():
+        y = torch.addmm(t["bias"], t["x"], t["weight"].t())
+        low = F.linear(F.dropout(t["x"], w["p"]), t["lora_A"])
+        return y.addmm_(low, t["lora_B"].t(), alpha=ALPHA_OVER_R)
+    return fwd, [t["x"], t["lora_A"], t["lora_B"]]
+
+
 def _peft(t, w):
     from peft import LoraConfig, get_peft_model
 
@@ -97,6 +108,7 @@ PROVIDERS: dict[str, Make] = {
     BASELINE: _base,
     "peft": _peft,
     "torch-3matmul": _torch_3matmul,
+    "torch-addmm": _torch_addmm,
     "fasttrain-triton": _fasttrain("triton"),
 }
 

@@ -86,7 +86,7 @@ def test_lora_suite_tiny(tmp_path):
     rows = doc["rows"]
 
     providers = {r["provider"] for r in rows}
-    assert {"base-linear", "torch-3matmul"} <= providers
+    assert {"base-linear", "torch-3matmul", "torch-addmm"} <= providers
     assert ("peft" in providers) == (importlib.util.find_spec("peft") is not None)
     # On the CPU the Triton provider is reported skipped, with why (as in the adamw suite).
     assert "fasttrain-triton" not in providers
