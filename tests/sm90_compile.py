@@ -2,8 +2,19 @@
 
 Run by tests/test_kernels_sm90.py in a process without TRITON_INTERPRET (under the interpreter
 @triton.jit returns interpreted functions, which cannot be compiled). Exits non-zero on failure.
+
+``python tests/sm90_compile.py --report`` also prints, per build, what costs no device time to
+read (bench/NOTES.md): registers and stack bytes (spills) from ``cuobjdump`` of the cubin, shared
+memory, and the tensor-core instructions in the PTX (``wgmma``: Hopper's; ``mma.sync``: the
+older, slower path). Put another Triton first on PYTHONPATH to read its builds (the GPU
+machines run 3.6).
 """
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -21,13 +32,41 @@ ALIGNED_PTR = {(0,): [["tt.divisibility", 16]]}  # what Triton's launcher infers
 H100_MAX_SMEM = 232448  # bytes of shared memory one H100 block may use
 
 
+REPORT = "--report" in sys.argv
+
+
 def compile_sm90(fn, signature, constexprs, num_warps=8, num_stages=3, attrs=ALIGNED_PTR):
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
     src = ASTSource(fn, sig, constexprs, attrs=attrs)
     out = triton.compile(src, target=H100, options={"num_warps": num_warps,
                                                     "num_stages": num_stages})
     assert out.metadata.shared <= H100_MAX_SMEM, (fn.__name__, out.metadata.shared)
+    if REPORT:
+        print(resources(fn, constexprs, num_warps, num_stages, out), flush=True)
     return out
+
+
+def resources(fn, constexprs, num_warps, num_stages, out) -> str:
+    """One line: the build's registers, stack bytes, shared memory and dot instructions."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    usage = "cuobjdump not found"
+    if tool:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(out.asm["cubin"])
+            f.flush()
+            text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                                  text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+        usage = f"regs {m.group(1):>3} stack {m.group(2):>5} B" if m else "no usage found"
+    ptx = out.asm["ptx"]
+    shape = " ".join(f"{k}={v}" for k, v in constexprs.items()
+                     if k.startswith(("BLOCK", "HEAD_DIM", "DROPOUT", "WINDOW", "SOFTCAP"))
+                     or k.endswith("DTYPE"))
+    return (f"{fn.__name__:30} {shape} w{num_warps} s{num_stages}: {usage}, "
+            f"smem {out.metadata.shared} B, wgmma {ptx.count('wgmma.mma_async')}, "
+            f"mma.sync {ptx.count('mma.sync')}")
 
 
 ADAMW_SIG = {"table": "*i64", "table_addr": "i64", "n_tensors": "i32", "lr": "fp32",
@@ -131,15 +170,32 @@ LORA_SIZES = {"M": "i32", "N": "i32", "K": "i32", "R": "i32", "RANK": "i32",
 LORA_DTYPES = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
 
 
+# Unit strides of contiguous inputs (the forward's layout), which Triton's launcher
+# specializes as the constant 1.
+LORA_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_sr", "stride_lr", "stride_lk",
+                     "stride_on", "stride_or", "stride_gr", "stride_ok"}
+
+
 def _lora_sig(fn, ptrs):
-    """Signature of a lora kernel: ``ptrs`` maps pointer args to types, the rest are sizes
-    and strides (i32) or scalars."""
-    sig = {}
-    for name in fn.arg_names:
-        if fn.params[fn.arg_names.index(name)].is_constexpr:
+    """(signature, attrs, unit strides) of a lora kernel as a launch on contiguous, aligned
+    tensors with sizes that are multiples of 16 sees it: ``ptrs`` maps pointer args to types
+    (16-byte aligned), unit strides become the constant 1, other strides and K/N are marked
+    divisible by 16, the rest are sizes (i32) or scalars. With these hints Triton pipelines
+    the loads (cp.async), as it does for real inputs."""
+    sig, attrs, ones = {}, {}, {}
+    params = [p for p in fn.params if not p.is_constexpr]
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            continue
+        if name in LORA_UNIT_STRIDES:
+            ones[name] = 1
             continue
         sig[name] = ptrs.get(name) or LORA_SIZES.get(name, "i32")
-    return sig
+        if name in ptrs or name.startswith("stride") or name in ("N", "K"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    assert len(sig) + len(ones) == len(params)
+    return sig, attrs, ones
 
 
 def check_lora_kernels():
@@ -150,21 +206,22 @@ def check_lora_kernels():
     for dtype, options in cases:
         name = LORA_DTYPES[dtype]
         common = dict(UPCAST=False, IEEE=dtype == tl.float32)
-        thin = lora.configs("thin", interpret=False, dtype=dtype)[0]
-        compile_sm90(lora._lora_thin_kernel, _lora_sig(lora._lora_thin_kernel, {
-            "x": f"*{name}", "l": f"*{name}", "index": "*i64", "seed_ptr": "*i64",
-            "out": "*fp32"}), dict(common, BLOCK_R=16, DROPOUT=options, MULTI=options,
-                                   **thin.kwargs), thin.num_warps)
-        gemm = lora.configs("gemm", interpret=False, dtype=dtype)[0]
-        compile_sm90(lora._lora_gemm_kernel, _lora_sig(lora._lora_gemm_kernel, {
-            "x": f"*{name}", "w": f"*{name}", "s": "*fp32", "l": f"*{name}",
-            "bias": f"*{name}", "seed_ptr": "*i64", "out": f"*{name}"}),
-            dict(common, ROUND_BF16=False, BLOCK_R=64, HAS_BIAS=options, DROPOUT=options,
-                 **gemm.kwargs), gemm.num_warps)
-        (tall,) = lora.configs("tall", interpret=False, dtype=dtype)
-        compile_sm90(lora._lora_tall_kernel, _lora_sig(lora._lora_tall_kernel, {
-            "g": "*fp32", "x": f"*{name}", "seed_ptr": "*i64", "out": "*fp32"}),
-            dict(common, DROPOUT=options, BLOCK_R=32, **tall.kwargs), tall.num_warps)
+        builds = [
+            (lora._lora_thin_kernel, lora.configs("thin", interpret=False, dtype=dtype)[0],
+             {"x": f"*{name}", "l": f"*{name}", "index": "*i64", "seed_ptr": "*i64",
+              "out": "*fp32"}, dict(BLOCK_R=16, DROPOUT=options, MULTI=options)),
+            (lora._lora_gemm_kernel, lora.configs("gemm", interpret=False, dtype=dtype)[0],
+             {"x": f"*{name}", "w": f"*{name}", "s": "*fp32", "l": f"*{name}",
+              "bias": f"*{name}", "seed_ptr": "*i64", "out": f"*{name}"},
+             dict(ROUND_BF16=False, BLOCK_R=64, HAS_BIAS=options, DROPOUT=options)),
+            (lora._lora_tall_kernel, lora.configs("tall", interpret=False, dtype=dtype)[0],
+             {"g": "*fp32", "x": f"*{name}", "seed_ptr": "*i64", "out": "*fp32"},
+             dict(DROPOUT=options, BLOCK_R=32)),
+        ]
+        for fn, cfg, ptrs, consts in builds:
+            sig, attrs, ones = _lora_sig(fn, ptrs)
+            compile_sm90(fn, sig, dict(ones, **common, **consts, **cfg.kwargs), cfg.num_warps,
+                         cfg.num_stages, attrs)
     compile_sm90(lora._lora_dropout_mask_kernel, {"seed_ptr": "*i64", "out": "*i8",
                                                   "numel": "i32", "p": "fp32"},
                  dict(BLOCK=1024), num_warps=4)
