@@ -487,7 +487,7 @@ def configs(head_dim: int, dtype: torch.dtype = torch.bfloat16,
                 "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)}
     elif head_dim <= 128:
         cfgs = {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+                "dkdv": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2),
                 "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
     else:
         cfgs = {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
