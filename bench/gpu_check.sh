@@ -1,42 +1,53 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs (issue 6), in device calls of at most 10 minutes each:
 #
-#   STEPS="tests memcheck" bash bench/gpu_check.sh         # call 1: GPU tests, memcheck
-#   STEPS=bench SUITES="adamw varlen_attn" bash bench/gpu_check.sh   # call 2
-#   STEPS=bench SUITES="lora e2e" bash bench/gpu_check.sh            # call 3
-#   STEPS=tune bash bench/gpu_check.sh                      # the varlen config sweep
+#   STEPS="tests memcheck" bash bench/gpu_check.sh                        # call 1
+#   STEPS=bench SUITES="adamw varlen_attn" bash bench/gpu_check.sh         # call 2
+#   STEPS=bench SUITES="lora e2e" BENCH_ARGS=--quick bash bench/gpu_check.sh   # call 3
+#   STEPS=tune bash bench/gpu_check.sh                                     # the config sweep
 #
 # Every call installs fasttrain (no network there: torch, triton, pytest, xdist are in the
-# image) and loads or builds the C++/CUDA extension with ninja. What comes back under $OUT
-# (at most 8 files): gpu_check.log (everything printed), the harness's JSON results, the tune
-# JSON, and devcache.tgz: the built extension and Triton's compiled kernels. Copy that file to
+# image) and loads or builds the C++/CUDA extension with ninja. The steps share one deadline
+# (DEADLINE seconds from the start, default 560) and stop early enough to pack what was built.
+# What comes back under $OUT (at most 8 files): gpu_check.log (everything printed), the
+# harness's JSON results, tune/ (the sweep's JSON: commit it under bench/results/tune/), and
+# devcache.tgz: the built extension and Triton's compiled kernels. Copy that file to
 # .devcache/ (git-ignored) here and name .devcache in the next call's `carry`: that call then
-# skips the builds it already paid for. Commit the JSON under bench/results/.
+# skips the builds it already paid for. Commit the results JSON under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 STEPS=${STEPS:-tests memcheck bench}
+DEADLINE=$((SECONDS + ${DEADLINE:-560}))
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 FASTTRAIN_CACHE=/tmp/fasttrain-cache TRITON_CACHE_DIR=/tmp/triton-cache
 PY=python3
 status=0
 
-step() { echo "=== $* ($(date +%T))"; }
+step() { echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-# run LIMIT_SECONDS CMD...: a step may not eat the whole call; a failure marks the run failed
+# run LIMIT CMD...: CMD for at most LIMIT seconds, and never past the deadline less 30 s (kept
+# for packing); a failure or a timeout marks the run failed
 run() {
   local limit=$1; shift
+  local left=$((DEADLINE - SECONDS - 30))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 0 ]; then echo "!!! no time left for: $*"; status=1; return; fi
   timeout --kill-after=10 "$limit" "$@"
   local rc=$?
-  [ $rc -eq 0 ] || { echo "!!! exit $rc: $*"; status=1; }
+  local why=""
+  [ $rc -eq 124 ] && why=" (timed out after $limit s)"
+  [ $rc -eq 0 ] || { echo "!!! exit $rc$why: $*"; status=1; }
 }
+# a build killed mid-way leaves torch's lock file, on which every later load would wait
+drop_locks() { rm -f /tmp/fasttrain-cache/*/lock; }
 
 step "install (steps: $STEPS)"
 if [ -f .devcache/devcache.tgz ]; then
-  tar xzf .devcache/devcache.tgz -C / && echo "unpacked the carried build cache"
+  tar xzf .devcache/devcache.tgz -C / && drop_locks && echo "unpacked the carried build cache"
 fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || status=1
+run 120 $PY -m pip install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 step "environment and extension build"
 run 300 $PY -m fasttrain.env
@@ -55,16 +66,17 @@ if has memcheck; then
 fi
 
 if has bench; then
-  step "benchmarks: ${SUITES:=adamw varlen_attn lora e2e}"
-  run 560 $PY -m bench --suite $SUITES --device cuda --out "$OUT"
+  step "benchmarks: ${SUITES:=adamw varlen_attn lora e2e} ${BENCH_ARGS:=}"
+  run 560 $PY -m bench --suite $SUITES --device cuda --out "$OUT" $BENCH_ARGS
 fi
 
 if has tune; then
   step "varlen attention config sweep"
-  run 560 $PY -m bench.tune --out "$OUT" ${TUNE_ARGS:-}
+  run 560 $PY -m bench.tune --out "$OUT/tune" ${TUNE_ARGS:-}
 fi
 
 step "pack the build cache"
+drop_locks
 dirs=()
 for d in /tmp/fasttrain-cache /tmp/triton-cache; do [ -d "$d" ] && dirs+=("${d#/}"); done
 if [ ${#dirs[@]} -gt 0 ]; then
@@ -73,7 +85,7 @@ if [ ${#dirs[@]} -gt 0 ]; then
     echo "Triton's cache is too big to carry; packing the extension alone"
     tar czf "$OUT/devcache.tgz" -C / tmp/fasttrain-cache 2>/dev/null || rm -f "$OUT/devcache.tgz"
   fi
-  ls -la "$OUT"
 fi
+ls -laR "$OUT"
 step "done, status $status"
 exit $status

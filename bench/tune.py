@@ -6,7 +6,8 @@ For each head dim it times every candidate of the forward, dK/dV and dQ kernels 
 benchmark's ``mix-16K`` workload (32 q heads, 8 kv heads, causal, bf16), checks each
 candidate's outputs against the current config's, and prints the fastest ones and a
 ``configs()`` entry to paste into kernels/varlen_attn.py. The whole sweep goes to
-``tune-varlen_attn-<device>-<stamp>.json`` in ``--out``.
+``tune-varlen_attn-<device>-<stamp>.json`` in ``--out`` (default bench/results/tune/: not a
+harness results file, so it stays out of bench/results/ itself).
 
 Compiling is what takes the time, so ``--jobs`` worker processes compile the candidates first
 (one launch each fills Triton's on-disk cache); the main process then times them one at a time
@@ -22,11 +23,13 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 KINDS = ("fwd", "dkdv", "dq")
@@ -161,10 +164,15 @@ def sweep(device: str, head_dim: int, jobs: int) -> dict:
     failed = {}
     if jobs > 1:
         tasks = [(kind, c) for kind in KINDS for c in cands[kind]]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            errors = pool.map(_compile, *zip(*[(device, head_dim, k, full_config(current, k, c))
-                                               for k, c in tasks]))
+        try:
+            with ProcessPoolExecutor(jobs,
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                errors = list(pool.map(_compile, *zip(*[
+                    (device, head_dim, k, full_config(current, k, c)) for k, c in tasks])))
             failed = {(k, json.dumps(c)): e for (k, c), e in zip(tasks, errors) if e}
+        except BrokenProcessPool as e:  # a worker died (a crash in a compile): compile here
+            print(f"d={head_dim}: the compile workers failed ({e}); compiling while timing",
+                  flush=True)
     compile_s = time.perf_counter() - start
     print(f"d={head_dim}: {sum(map(len, cands.values()))} candidates compiled in "
           f"{compile_s:.0f} s with {jobs} processes, {len(failed)} cannot run", flush=True)
@@ -180,6 +188,8 @@ def sweep(device: str, head_dim: int, jobs: int) -> dict:
                 config = full_config(best, kind, cfg)
                 try:
                     err = _max_rel_err(problem.call(kind, config), reference[op])
+                    if not math.isfinite(err):
+                        raise ValueError("outputs non-finite where the current config's are not")
                     ms, spread = _time_ms(lambda: problem.call(kind, config), device)
                     row.update(ms=ms, spread_ms=spread, max_rel_err=err,
                                tflops=problem.flops[op] / ms / 1e9)
@@ -220,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--device", choices=("cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "tune",
+                        help="folder of the sweep's JSON (default: bench/results/tune, apart "
+                        "from the harness's results files)")
     args = parser.parse_args(argv)
 
     import torch

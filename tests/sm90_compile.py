@@ -170,25 +170,31 @@ LORA_SIZES = {"M": "i32", "N": "i32", "K": "i32", "R": "i32", "RANK": "i32",
 LORA_DTYPES = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
 
 
-# Unit strides of contiguous inputs (the forward's layout), which Triton's launcher
-# specializes as the constant 1.
-LORA_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_sr", "stride_lr", "stride_lk",
-                     "stride_on", "stride_or", "stride_gr", "stride_ok"}
+# Per kernel, the strides that are 1 in the forward's launches on contiguous tensors (which
+# Triton's launcher specializes as the constant 1): thin s = x A^T with A (R, K) and s (M, R);
+# gemm y = x W^T + s B^T with W (N, K), s (M, R), B (N, R); tall dA = g^T x with g (M, R) and
+# partials (split, R, K).
+LORA_UNIT_STRIDES = {
+    "_lora_thin_kernel": {"stride_xk", "stride_lk", "stride_or"},
+    "_lora_gemm_kernel": {"stride_xk", "stride_wk", "stride_sr", "stride_lr", "stride_on"},
+    "_lora_tall_kernel": {"stride_xk", "stride_gr", "stride_ok"},
+}
 
 
 def _lora_sig(fn, ptrs):
     """(signature, attrs, unit strides) of a lora kernel as a launch on contiguous, aligned
-    tensors with sizes that are multiples of 16 sees it: ``ptrs`` maps pointer args to types
-    (16-byte aligned), unit strides become the constant 1, other strides and K/N are marked
-    divisible by 16, the rest are sizes (i32) or scalars. With these hints Triton pipelines
-    the loads (cp.async), as it does for real inputs."""
+    tensors with sizes that are multiples of 16 (the rank too) sees it: ``ptrs`` maps pointer
+    args to types (16-byte aligned), unit strides become the constant 1, other strides and K/N
+    are marked divisible by 16, the rest are sizes (i32) or scalars. With these hints Triton
+    pipelines the loads (cp.async), as it does for real inputs."""
     sig, attrs, ones = {}, {}, {}
     params = [p for p in fn.params if not p.is_constexpr]
+    unit = LORA_UNIT_STRIDES[fn.__name__]
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
             continue
-        if name in LORA_UNIT_STRIDES:
+        if name in unit:
             ones[name] = 1
             continue
         sig[name] = ptrs.get(name) or LORA_SIZES.get(name, "i32")
@@ -210,7 +216,8 @@ def check_lora_kernels():
             (lora._lora_thin_kernel, lora.configs("thin", interpret=False, dtype=dtype)[0],
              {"x": f"*{name}", "l": f"*{name}", "index": "*i64", "seed_ptr": "*i64",
               "out": "*fp32"}, dict(BLOCK_R=16, DROPOUT=options, MULTI=options)),
-            (lora._lora_gemm_kernel, lora.configs("gemm", interpret=False, dtype=dtype)[0],
+            (lora._lora_gemm_kernel, lora._fitting_configs(
+                lora.configs("gemm", interpret=False, dtype=dtype), {}, DROPOUT=options)[0],
              {"x": f"*{name}", "w": f"*{name}", "s": "*fp32", "l": f"*{name}",
               "bias": f"*{name}", "seed_ptr": "*i64", "out": f"*{name}"},
              dict(ROUND_BF16=False, BLOCK_R=64, HAS_BIAS=options, DROPOUT=options)),

@@ -1,6 +1,7 @@
 """fasttrain.data: packing, the packed collator, the length-bucketed sampler, seqlen warmup."""
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -247,6 +248,12 @@ def test_sampler_shards_batches_over_ranks(drop_last):
         LengthBucketedBatchSampler(lengths, 512, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="num_replicas must be >= 1"):
         LengthBucketedBatchSampler(lengths, 512, num_replicas=0)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        LengthBucketedBatchSampler(lengths, 512, num_replicas=2, rank=1.0)
+    np_ints = LengthBucketedBatchSampler(lengths, np.int64(512), num_replicas=np.int64(world),
+                                         rank=np.int32(1), **{k: v for k, v in kw.items()
+                                                              if k != "max_tokens"})
+    assert list(np_ints) == shards[1]
 
 
 def test_sampler_packs_tightly_and_unshuffled_order():

@@ -79,9 +79,15 @@ def _lengths(lengths_or_examples, name: str) -> list[int]:
     return lengths
 
 
+def _check_int(value, name: str) -> int:
+    """``value`` as an int: Python and NumPy integers pass, bools and floats do not."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return operator.index(value)
+
+
 def _check_budget(max_tokens, name="max_tokens") -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise TypeError(f"{name} must be an int, got {type(max_tokens).__name__}")
+    max_tokens = _check_int(max_tokens, name)
     if max_tokens < 1:
         raise ValueError(f"{name} must be >= 1, got {max_tokens}")
     return max_tokens
@@ -250,8 +256,8 @@ class LengthBucketedBatchSampler(Sampler):
     Each epoch the indices are shuffled with ``seed + epoch``, cut into buckets of
     ``bucket_size`` examples, and each bucket is packed by best-fit decreasing (a bigger bucket
     packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
-    appears exactly once per epoch (over all ranks, apart from the repeats that even them out;
-    see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like ``DistributedSampler``.
+    appears exactly once per epoch (over all ranks, apart from the batches repeated or dropped
+    to even them out; see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like ``DistributedSampler``.
 
     lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
     max_tokens: token budget per batch.
@@ -277,8 +283,7 @@ class LengthBucketedBatchSampler(Sampler):
         self.max_tokens = _check_budget(max_tokens)
         self.bucket_size = _check_budget(bucket_size, "bucket_size")
         self.num_replicas = _check_budget(num_replicas, "num_replicas")
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        rank = _check_int(rank, "rank")
         if not 0 <= rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {rank}")
         self.rank = rank
