@@ -97,8 +97,9 @@ def _operand(x, like, UPCAST: tl.constexpr):
 @triton.jit
 def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     # Scores q k^T of a block in the log2 domain, and tanh of the capped scores (the backward
-    # needs it); called with (k, q) for the transposed block. Without softcap: qk_scale = scale * log2(e). With it:
-    # qk_scale = scale / softcap and softcap = softcap * log2(e).
+    # needs it); called with (k, q) for the transposed block. Without softcap:
+    # qk_scale = scale * log2(e). With it: qk_scale = scale / softcap and
+    # softcap = softcap * log2(e).
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if SOFTCAP:
         t = _tanh(s * qk_scale)

@@ -257,7 +257,8 @@ class LengthBucketedBatchSampler(Sampler):
     ``bucket_size`` examples, and each bucket is packed by best-fit decreasing (a bigger bucket
     packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
     appears exactly once per epoch (over all ranks, apart from the batches repeated or dropped
-    to even them out; see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like ``DistributedSampler``.
+    to even them out; see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like
+    ``DistributedSampler``.
 
     lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
     max_tokens: token budget per batch.
