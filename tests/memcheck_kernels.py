@@ -31,6 +31,21 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     print(f"{status}{name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
 
 
+def check_fwd_bwd(name: str, fn, ref_fn, inputs, labels, tol: float) -> None:
+    """fn against ref_fn on copies of inputs: the output and the inputs' gradients (labels:
+    the output's, then each input's)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref = ref_fn(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(ref.dtype))
+    check(f"{name} {labels[0]}", out, ref, tol)
+    for label, g, r in zip(labels[1:], grads, ref_grads):
+        check(f"{name} {label}", g, r, tol)
+
+
 def adamw_cases() -> None:
     sizes = [(37, 5), (1,), (4099,), (3, 3, 3), (1000, 33)]
     options = [("triton", {}), ("cuda", {}), ("triton", dict(max_grad_norm=0.5)),
@@ -72,18 +87,11 @@ def varlen_cases() -> None:
         q = torch.randn(total, 6, d, device=DEV, dtype=dtype, generator=gen)
         k, v = (torch.randn(total, 2, d, device=DEV, dtype=dtype, generator=gen)
                 for _ in range(2))
-        leaves = [t.requires_grad_() for t in (q, k, v)]
-        out = varlen_attention(*leaves, cu, cu, backend="triton", **kw)
-        dout = torch.randn_like(out)
-        grads = torch.autograd.grad(out, leaves, dout)
-        ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ref, _ = varlen_attention_reference(*ref_leaves, cu, cu, **kw)
-        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(ref.dtype))
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        name = f"varlen_attn {str(dtype)[6:]} d={d} {kw}"
-        check(name + " out", out, ref, tol)
-        for label, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-            check(f"{name} {label}", g, r, tol)
+        check_fwd_bwd(f"varlen_attn {str(dtype)[6:]} d={d} {kw}",
+                      lambda q, k, v: varlen_attention(q, k, v, cu, cu, backend="triton", **kw),
+                      lambda q, k, v: varlen_attention_reference(q, k, v, cu, cu, **kw)[0],
+                      (q, k, v), ("out", "dq", "dk", "dv"),
+                      1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def lora_cases() -> None:
@@ -95,19 +103,13 @@ def lora_cases() -> None:
         b = torch.randn(n, device=DEV, dtype=dtype, generator=gen) if bias else None
         a = torch.randn(r, k, device=DEV, dtype=dtype, generator=gen) / k ** 0.5
         bb = torch.randn(n, r, device=DEV, dtype=dtype, generator=gen)
-        leaves = [t.requires_grad_() for t in (x, a, bb)]
-        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 0.5, backend="triton")
-        dy = torch.randn_like(y)
-        grads = torch.autograd.grad(y, leaves, dy)
-        ref_leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb)]
-        ref = lora_linear_reference(ref_leaves[0], w, b, ref_leaves[1], ref_leaves[2], 0.5,
-                                    upcast=True)
-        ref_grads = torch.autograd.grad(ref, ref_leaves, dy.to(ref.dtype))
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
         name = f"lora {str(dtype)[6:]} {m}x{k}x{n} r={r}"
-        check(name + " y", y, ref, tol)
-        for label, g, rg in zip(("dx", "dA", "dB"), grads, ref_grads):
-            check(f"{name} {label}", g, rg, tol)
+        check_fwd_bwd(name,
+                      lambda x, a, bb: lora_linear(x, w, b, a, bb, 0.5, backend="triton"),
+                      lambda x, a, bb: lora_linear_reference(x, w, b, a, bb, 0.5, upcast=True),
+                      (x, a, bb), ("y", "dx", "dA", "dB"),
+                      1e-4 if dtype == torch.float32 else 2e-2)
+        leaves = [t.requires_grad_() for t in (x, a, bb)]
         # dropout and the multi-adapter path: run fwd+bwd (the mask is random; no reference)
         y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 0.5, 0.1, backend="triton")
         torch.autograd.grad(y.sum(), leaves)
