@@ -66,11 +66,12 @@ def test_unpadded_and_padded_batches_match_the_baseline(arch):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", CONFIGS)
-def test_packed_rows_match_each_sequence_alone(arch):
+@pytest.mark.parametrize("arch,lengths", [(arch, (5, 13, 1, 9)) for arch in CONFIGS]
+                         + [("llama", (1, 6)), ("llama", (1, 1, 5))])  # no position decreases
+def test_packed_rows_match_each_sequence_alone(arch, lengths):
     ref, fast = models(arch)
     gen = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, 128, (n,), generator=gen) for n in (5, 13, 1, 9)]
+    seqs = [torch.randint(0, 128, (n,), generator=gen) for n in lengths]
     expected = torch.cat([ref(s[None]).logits[0] for s in seqs]).detach()
     # position ids restarting at 0
     packed = torch.cat(seqs)[None]

@@ -73,8 +73,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _packed_cu(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """cu_seqlens of a packed row (position ids that restart, as transformers' FlashAttention
-    path decides it: not non-decreasing), or None for one plain sequence. Read once per
+    """cu_seqlens of a packed row (position ids that are not consecutive, as transformers'
+    FlashAttention path decides it), or None for one plain sequence. Read once per
     position_ids tensor: every layer gets the same one."""
     version = _version(position_ids)
     hit = _POSITION_CU.get(position_ids) if version is not None else None
@@ -82,7 +82,7 @@ def _packed_cu(position_ids: torch.Tensor) -> torch.Tensor | None:
         return hit[1]
     pos = position_ids.reshape(-1)
     cu = None
-    if pos.numel() > 1 and bool((pos[1:] < pos[:-1]).any()):
+    if pos.numel() > 1 and bool((pos.diff() != 1).any()):  # [0, 0, 1]: a restart too
         cu, _ = cu_seqlens_from_position_ids(pos - pos.min())  # each restart at the minimum
     if version is not None:
         _POSITION_CU[position_ids] = (version, cu)
