@@ -320,9 +320,12 @@ def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
 def lora_gemm(x, w, s, l, bias=None, *, scale=1.0, dropout_p=0.0, seed=None, out=None):
     """out (M, N) = x w^T + scale * keep/(1-p) * (s l^T) + bias, in x's dtype.
 
-    x: (M, K), w: (N, K), s: (M, R) fp32, l: (N, R), bias: (N,) or None (any strides);
-    the dropout mask, when dropout_p > 0, is the one of an (M, N) input drawn from ``seed``.
+    x: (M, K), w: (N, K), s: (M, R) fp32, l: (N, R), bias: (N,) or None (any strides; the
+    kernel reads a contiguous bias, copied here when needed); the dropout mask, when
+    dropout_p > 0, is the one of an (M, N) input drawn from ``seed``.
     """
+    if bias is not None:
+        bias = bias.contiguous()
     M, K = x.shape
     N = w.shape[0]
     R = s.shape[1]

@@ -192,6 +192,23 @@ def test_multi_with_a_strided_or_expanded_index():
         assert_close(y, expected, rel=1e-5, name="y")
 
 
+def test_strided_operands_match_contiguous():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 2 * 40, generator=gen)[:, ::2]  # column stride 2
+    weight = torch.randn(40, 30, generator=gen).t()  # (30, 40), transposed
+    bias = torch.randn(60, generator=gen)[::2]  # stride 2
+    a, b = torch.randn(40, 8, generator=gen).t(), torch.randn(8, 30, generator=gen).t()
+    dy = torch.randn(13, 30, generator=gen)
+    got = _grads(lambda **t: lora_linear(**t, scaling=0.5),
+                 dict(x=x, weight=weight, bias=bias, lora_A=a, lora_B=b), dy, ["x", "lora_A"])
+    expected = _grads(lambda **t: lora_linear(**t, scaling=0.5, backend="torch"),
+                      dict(x=x.contiguous(), weight=weight.contiguous(), bias=bias.contiguous(),
+                           lora_A=a.contiguous(), lora_B=b.contiguous()), dy, ["x", "lora_A"])
+    assert_close(got[0], expected[0], rel=1e-5, name="y")
+    for name in ("x", "lora_A"):
+        assert_close(got[1][name], expected[1][name], rel=1e-5, name=f"d{name}")
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     t, _ = _inputs("cpu", torch.float32, (9,), 32, 24, 8, bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -404,8 +421,18 @@ def test_fuse_lora_trains_with_dropout():
     assert unfuse_lora(model) == 2
 
 
+def _count_fused_calls(monkeypatch):
+    """A list that gets one entry per call of the fused op from the peft integration."""
+    import fasttrain.integrations.peft as peft_integration
+
+    calls, op = [], peft_integration.lora_linear
+    monkeypatch.setattr(peft_integration, "lora_linear",
+                        lambda *args, **kwargs: calls.append(1) or op(*args, **kwargs))
+    return calls
+
+
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
-def test_fused_model_pickles_and_autocast_matches_peft(tmp_path):
+def test_fused_model_pickles_and_autocast_matches_peft(tmp_path, monkeypatch):
     from fasttrain.integrations.peft import fuse_lora
 
     model = _peft_model()
@@ -413,13 +440,40 @@ def test_fused_model_pickles_and_autocast_matches_peft(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(x)
     fuse_lora(model)
+    calls = _count_fused_calls(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(x)
+        y = model(x)  # fc2's input is bf16 (fc1's autocast output), its weights fp32
+    assert len(calls) == 2, "a layer fell back to peft's path under autocast"
     assert y.dtype == expected.dtype == torch.bfloat16
     assert_close(y, expected, rel=2e-2, name="autocast")
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert_close(loaded(x), model(x), rel=1e-6, name="reloaded")
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fused_layers_follow_set_adapter(monkeypatch):
+    from peft import LoraConfig
+
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                      init_lora_weights=False))
+    x = torch.randn(5, 32)
+    expected = {}
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        expected[name] = model(x)
+    assert not torch.allclose(expected["default"], expected["b"])
+    model.set_adapter("default")
+    assert fuse_lora(model).n_fused == 2
+    calls = _count_fused_calls(monkeypatch)
+    for name in ("b", "default"):
+        model.set_adapter(name)
+        assert fuse_lora(model).n_fused == 2  # a second call reports the same layers
+        assert_close(model(x), expected[name], rel=1e-5, name=name)
+    assert len(calls) == 4, "a fused layer fell back to peft's path after set_adapter"
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")

@@ -3,13 +3,14 @@
 ``fuse_lora(model)`` rebinds ``forward`` of every peft ``lora.Linear`` that it can run fused:
 one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.Linear base
 layer that is not ``fan_in_fan_out``, nn.Dropout or no dropout. Other layers stay on peft's
-path; the returned report says which and why. At call time the fused forward hands back to
-peft's own forward whenever the layer no longer qualifies (adapters disabled or merged, another
-adapter set active, extra forward arguments such as ``adapter_names``, x not in the base
-weight's dtype). Adapter weights kept in fp32 over a bf16/fp16 base (peft's
-autocast_adapter_dtype) are cast to the base dtype for the fused op (the gradients flow back to
-the fp32 parameters). ``unfuse_lora(model)`` or ``report.undo()`` restores peft's forward.
-peft is imported lazily; it is not a dependency of fasttrain.
+path; the returned report says which and why. A fused layer runs the adapter active at call
+time (``set_adapter`` works), and hands back to peft's own forward whenever it no longer
+qualifies (adapters disabled or merged, several active adapters, extra forward arguments such as
+``adapter_names``, x not in the base weight's dtype outside ``torch.autocast``). Adapter
+weights kept in fp32 over a bf16/fp16 base (peft's autocast_adapter_dtype) are cast to the base
+dtype for the fused op (the gradients flow back to the fp32 parameters). ``unfuse_lora(model)``
+or ``report.undo()`` restores peft's forward. peft is imported lazily; it is not a dependency of
+fasttrain.
 """
 from __future__ import annotations
 
@@ -82,13 +83,20 @@ def _why_not(module) -> str | None:
     return None
 
 
+def _dtype_ok(x, weight) -> bool:
+    """x's dtype is the base weight's, or autocast casts both to one (as lora_linear does)."""
+    if x.dtype == weight.dtype:
+        return True
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in DTYPES
+
+
 def _fused_forward(self, x, *args, **kwargs):
-    name = getattr(self, _MARK)[0]
     base = self.get_base_layer()
-    if args or kwargs or self.disable_adapters or x.dtype != base.weight.dtype \
-            or x.device != base.weight.device or _why_not(self) is not None \
-            or list(self.active_adapters) != [name]:
+    if args or kwargs or self.disable_adapters or not _dtype_ok(x, base.weight) \
+            or x.device != base.weight.device or _why_not(self) is not None:
         return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]  # _why_not: exactly one, with LoRA weights in this layer
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lora_a = self.lora_A[name].weight.to(x.dtype)
@@ -103,14 +111,14 @@ def fuse_lora(model: nn.Module) -> FuseReport:
     for name, module in model.named_modules():
         if not isinstance(module, linear_cls):
             continue
-        if hasattr(module, _MARK):
-            report.fused.append(name)
-            continue
         reason = _why_not(module)
         if reason is not None:
             report.not_fused[name] = reason
             continue
-        setattr(module, _MARK, (list(module.active_adapters)[0], module.__dict__.get("forward")))
+        if hasattr(module, _MARK):  # fused by an earlier call
+            report.fused.append(name)
+            continue
+        setattr(module, _MARK, module.__dict__.get("forward"))
         # a partial of a module-level function (not a bound method): torch.save(model) pickles
         module.forward = functools.partial(_fused_forward, module)
         report.fused.append(name)
@@ -122,7 +130,7 @@ def unfuse_lora(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if hasattr(module, _MARK):
-            _, previous = getattr(module, _MARK)
+            previous = getattr(module, _MARK)
             del module.forward
             if previous is not None:
                 module.forward = previous
