@@ -62,7 +62,7 @@ class AdamW(Optimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor):
                 if beta.numel() != 1:
-                    raise ValueError("Tensor betas[{i}] must be 1-element")
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
                 beta = float(beta)
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
