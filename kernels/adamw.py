@@ -204,17 +204,18 @@ def _step_increment_kernel(table, n_tensors, found_inf_ptr, HAS_FOUND_INF: tl.co
 def _sum_sq_kernel(table, n_tensors, partials, GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK: tl.constexpr):
     # Sum of squares of each chunk's gradient, written (not atomically added) to partials[pid]
-    # so that the total is deterministic.
+    # so that the total is deterministic. In fp64: GradScaler-scaled gradients square past the
+    # fp32 range (|g| > 1.8e19) long before they overflow themselves.
     pid = tl.program_id(0).to(tl.int64)
     entry = tl.load(table + TABLE_ROWS * n_tensors + pid)
     t = entry >> 32
     start = (entry & 0xFFFFFFFF) * CHUNK
     end = tl.minimum(start + CHUNK, tl.load(table + ROW_NUMEL * n_tensors + t))
     grad = tl.load(table + ROW_GRAD * n_tensors + t).to(tl.pointer_type(GRAD_DTYPE))
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
-        g = tl.load(grad + offs, mask=offs < end, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=offs < end, other=0.0).to(tl.float32).to(tl.float64)
         acc += g * g
     tl.store(partials + pid, tl.sum(acc, axis=0))
 
@@ -253,7 +254,7 @@ def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_deca
 
 
 def sum_sq(table, n_tensors, n_chunks, partials, *, grad_dtype, chunk, block, num_warps):
-    """partials[i] = sum of squares of chunk i's gradient (one launch)."""
+    """partials[i] (fp64) = sum of squares of chunk i's gradient (one launch)."""
     _sum_sq_kernel[(n_chunks,)](table, n_tensors, partials, GRAD_DTYPE=_tl_dtype(grad_dtype),
                                 CHUNK=chunk, BLOCK=block, num_warps=num_warps)
 

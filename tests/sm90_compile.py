@@ -111,7 +111,7 @@ def check_step_increment_and_sum_sq():
     chunk, block, num_warps = adamw.launch_config(interpret=False)
     for grad in (tl.float32, tl.bfloat16):
         compile_sm90(adamw._sum_sq_kernel,
-                     {"table": "*i64", "n_tensors": "i32", "partials": "*fp32"},
+                     {"table": "*i64", "n_tensors": "i32", "partials": "*fp64"},
                      dict(GRAD_DTYPE=grad, CHUNK=chunk, BLOCK=block), num_warps)
 
 

@@ -3,6 +3,7 @@
 On a CPU-only machine: the torch reference, the C++ cpu backend, and the Triton kernels under
 the interpreter (CPU tensors). With CUDA (``-m gpu``): torch, triton and cuda at larger sizes.
 """
+import collections
 import copy
 
 import pytest
@@ -210,6 +211,119 @@ def test_state_dict_round_trips(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("reset", ["new_dict", "clear", "entry", "step"])
+def test_state_changed_by_hand_is_seen(device, backend, reset):
+    """The optimizer reuses the tensors it found; a state replaced or reset by hand between
+    steps must still be what the next step reads and updates, as in torch."""
+    params = make_params(device)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2)
+    for optimizer, ps in ((opt, params), (ref, ref_params)):
+        run_steps(optimizer, ps, 3)
+        if reset == "new_dict":
+            optimizer.state = collections.defaultdict(dict)
+        elif reset == "clear":
+            optimizer.state.clear()
+        elif reset == "entry":
+            optimizer.state[ps[0]] = {}
+        else:  # a new step tensor (bias correction restarts)
+            optimizer.state[ps[0]]["step"] = torch.tensor(0.0)
+        run_steps(optimizer, ps, 2, first=3)
+    for p, r in zip(params, ref_params):
+        assert_close(p, r, rel=1e-6)
+        assert opt.state[p]["step"].item() == ref.state[r]["step"].item()
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[p][key], ref.state[r][key], rel=1e-5, name=key)
+    assert len(opt.state_dict()["state"]) == len(params)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_amsgrad_switched_mid_run(device, backend):
+    params = make_params(device)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2)
+    run_steps(opt, params, 2)
+    run_steps(ref, ref_params, 2)
+    for optimizer in (opt, ref):  # on: the running max starts at 0, as a fresh state's
+        optimizer.param_groups[0]["amsgrad"] = True
+    for r in ref_params:  # torch itself raises a KeyError here
+        ref.state[r]["max_exp_avg_sq"] = torch.zeros_like(r)
+    run_steps(opt, params, 2, first=2)
+    run_steps(ref, ref_params, 2, first=2)
+    for optimizer in (opt, ref):  # off, with a param that gets its first grad afterwards
+        optimizer.param_groups[0]["amsgrad"] = False
+        optimizer.add_param_group({"params": []})
+    late, ref_late = (torch.nn.Parameter(torch.randn(7, device=device)) for _ in range(2))
+    ref_late.data.copy_(late)
+    opt.param_groups[0]["params"].append(late)
+    ref.param_groups[0]["params"].append(ref_late)
+    for i in range(2):
+        late.grad = ref_late.grad = torch.randn(7, device=device)
+        run_steps(opt, params, 1, first=4 + i)
+        run_steps(ref, ref_params, 1, first=4 + i)
+    for p, r in zip(params + [late], ref_params + [ref_late]):
+        assert_close(p, r, rel=1e-6)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_channels_last_state_loads_into_a_contiguous_param(device, backend):
+    shape = (3, 5, 4, 6)
+    ref_param = torch.nn.Parameter(torch.randn(shape, device=device))
+    ref = torch.optim.AdamW([ref_param], lr=1e-2)
+    ref_param.grad = torch.randn(shape, device=device)
+    ref.step()
+    sd = copy.deepcopy(ref.state_dict())
+    sd["state"][0] = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                      for k, v in sd["state"][0].items()}
+    ref.load_state_dict(copy.deepcopy(sd))  # (a loaded state shares the tensors it is given)
+    param = torch.nn.Parameter(ref_param.detach().clone())
+    opt = AdamW([param], lr=1e-2, backend=backend)
+    opt.load_state_dict(sd)
+    for _ in range(2):
+        param.grad = ref_param.grad = torch.randn(shape, device=device)
+        opt.step()
+        ref.step()
+    assert_close(param, ref_param, rel=1e-6)
+
+
+def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
+    params = make_params("cpu")
+    opt = AdamW(params, lr=1e-2)
+    run_steps(opt, params, 2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert all(type(v) is dict for v in sd["state"].values())
+    restored = AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    restored.load_state_dict(sd)
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+def test_adam_decoupled_weight_decay_is_adamw():
+    models = []
+    for opt_fn in (lambda m: Adam(m.parameters(), lr=1e-2, weight_decay=0.1,
+                                  decoupled_weight_decay=True),
+                   lambda m: AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)):
+        models.append(train_model(opt_fn, "cpu", 5)[0])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fp16_params_on_cpu_use_the_reference_unless_forced():
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float16))
+    p.grad = torch.randn(10, dtype=torch.float16)
+    ref = torch.nn.Parameter(p.detach().clone())
+    ref.grad = p.grad.clone()
+    with pytest.warns(UserWarning, match="no fused backend"):
+        AdamW([p], lr=1e-2).step()
+    AdamW([ref], lr=1e-2, backend="torch").step()
+    assert torch.equal(p, ref)
+    with pytest.raises(RuntimeError, match="backend 'cpu' has no kernel for torch.float16"):
+        AdamW([p], lr=1e-2, backend="cpu").step()
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
 def test_grad_clipping_equals_clip_grad_norm(device, backend):
     for max_norm in (0.5, 1e3):  # clipping active, and inactive
         params = make_params(device)
@@ -229,14 +343,15 @@ def test_grad_clipping_equals_clip_grad_norm(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
-def test_grad_scaler_unscales_and_skips_inf(device, backend):
+@pytest.mark.parametrize("init_scale", [1024.0, 2.0**66])  # 2^66: scaled squares pass fp32's max
+def test_grad_scaler_unscales_and_skips_inf(device, backend, init_scale):
     torch.manual_seed(0)
     params = make_params(device)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = AdamW(params, lr=1e-2, max_grad_norm=1.0, backend=backend)
     ref = torch.optim.AdamW(ref_params, lr=1e-2)
-    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
-    ref_scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
+    ref_scaler = torch.amp.GradScaler(device, init_scale=init_scale)
     for i in range(4):
         grads = random_grads(params, i)
         if i == 2:
@@ -257,7 +372,8 @@ def test_grad_scaler_unscales_and_skips_inf(device, backend):
             assert opt.state[params[0]]["step"].item() == 2
         opt.zero_grad()
         ref.zero_grad()
-    assert scaler.get_scale() == ref_scaler.get_scale() == 512.0
+    assert scaler.get_scale() == ref_scaler.get_scale() == init_scale / 2
+    assert torch.isfinite(opt.last_grad_norm)
     for p, r in zip(params, ref_params):
         assert_close(p, r, rel=1e-6)
 

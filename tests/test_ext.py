@@ -431,10 +431,11 @@ def test_sum_sq_cpu_matches_torch(ext):
     tensors = [torch.randn(n, generator=gen) for n in SIZES]
     tensors += [torch.randn(n, generator=gen).bfloat16() for n in (3, 40000)]
     tensors.append(torch.empty(0))
+    tensors.append(torch.randn(7, generator=gen) * 1e20)  # squares past the fp32 range
     expected = sum(t.double().square().sum() for t in tensors)
     out = torch.ops.fasttrain.sum_sq_cpu(tensors)
-    assert out.dtype == torch.float32 and out.dim() == 0
-    assert out.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.dtype == torch.float64 and out.dim() == 0
+    assert out.item() == pytest.approx(expected.item(), rel=1e-12)
     assert torch.ops.fasttrain.sum_sq_cpu([]).item() == 0.0
     # Same bits whatever the number of threads.
     old = torch.get_num_threads()

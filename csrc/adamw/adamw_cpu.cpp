@@ -527,8 +527,8 @@ at::Tensor sum_sq_cpu_refs(TensorPtrs tensors_) {
   for (double p : partials) {
     total += p;
   }
-  return at::scalar_tensor(static_cast<float>(total),
-                           at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+  // fp64 out: the squares of GradScaler-scaled grads can pass the fp32 range
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble).device(at::kCPU));
 }
 
 // CompositeExplicitAutograd rather than CPU: the dispatcher finds no CPU key in empty tensor

@@ -36,6 +36,62 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 
+_writes = [0]  # writes into any optimizer's tracked state; they invalidate cached layouts
+
+
+class _CountWrites:
+    """Mixin for dicts: every mutating method counts a write first."""
+
+    def __setitem__(self, key, value):
+        _writes[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _writes[0] += 1
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        _writes[0] += 1
+        return super().__ior__(other)
+
+    def clear(self):
+        _writes[0] += 1
+        super().clear()
+
+    def pop(self, *args):
+        _writes[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        _writes[0] += 1
+        return super().popitem()
+
+    def setdefault(self, *args):
+        _writes[0] += 1
+        return super().setdefault(*args)
+
+    def update(self, *args, **kwargs):
+        _writes[0] += 1
+        super().update(*args, **kwargs)
+
+
+class _ParamState(_CountWrites, dict):
+    """One param's state; a state tensor created or replaced is a counted write."""
+
+
+class _State(_CountWrites, defaultdict):
+    """``optimizer.state`` whose writes (a param's state replaced, reset or deleted, as in
+    ``opt.state[p] = {}`` or ``opt.state.clear()``) are counted, so that a step, which reuses
+    the tensors it found before, sees them. ``state_dict()`` hands out plain dicts."""
+
+    def __init__(self, entries=()):
+        super().__init__(_ParamState)
+        super().update(entries)
+
+    def __reduce__(self):
+        return type(self), (), None, None, iter(self.items())
+
+
 def _local(t):
     """The local shard of a DTensor, else t. (isinstance on tensor types costs ~1 us through the
     tensor metaclass; the exact-type test first keeps the per-tensor cost of step() low.)"""
@@ -92,9 +148,11 @@ class AdamW(Optimizer):
         self.last_grad_norm = None
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
+        self.state = _State(self.state)
         self._tables = {}
-        self._layouts = {}  # param group index -> (state version, which params have grads, buckets)
-        self._state_version = 0  # bumped whenever a state tensor is created or replaced
+        self._layouts = {}  # param group index -> (which params have grads, amsgrad, buckets)
+        self._generation = 0  # bumped whenever the layouts are dropped (a state write)
+        self._seen = (None, None)  # (state dict, write count) the layouts were built from
         if self.backend is not None:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -104,13 +162,19 @@ class AdamW(Optimizer):
                                            f"for a parameter on {p.device}: {reason}")
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # also how torch's load_state_dict installs the new state
+        self.state = _State(self.state)
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled)
             for key in ("foreach", "fused"):
                 group.setdefault(key, None)
             for key in ("amsgrad", "maximize", "capturable", "differentiable"):
                 group.setdefault(key, False)
+
+    def state_dict(self):
+        out = super().state_dict()
+        out["state"] = {k: dict(v) for k, v in out["state"].items()}  # loadable without fasttrain
+        return out
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -127,14 +191,13 @@ class AdamW(Optimizer):
             state = self.state[p]
             for key in _STATE_KEYS:
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
-            step = state["step"]
-            step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
-            state["step"] = step.to(_local(p).device, torch.float32)
+                    t = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
+                    if type(t) is torch.Tensor and t.stride() != p.stride():  # e.g. channels_last
+                        t = torch.empty_like(p, dtype=t.dtype).copy_(t)  # the param's layout
+                    state[key] = t
             if self._has_master(p) and "master_param" not in state:
                 state["master_param"] = p.detach().float().clone()
         self._tables.clear()
-        self._state_version += 1
 
     def _dtype_of(self, p, key):
         if key == "master_param" or self._has_master(p):
@@ -146,6 +209,8 @@ class AdamW(Optimizer):
 
     def _init_state(self, p, amsgrad):
         state = self.state[p]
+        if type(state) is not _ParamState:  # a plain dict put there by the user
+            state = self.state[p] = _ParamState(state)
         if len(state) == 0:
             # the step counter lives on the param's device, as in torch's fused/capturable modes:
             # kernels read and increment it without a host sync
@@ -155,10 +220,14 @@ class AdamW(Optimizer):
                                               memory_format=torch.preserve_format)
             if self._has_master(p):
                 state["master_param"] = p.detach().float().clone()
-            self._state_version += 1
+        step = state["step"]
+        device = _local(p).device
+        if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
+                and step.device == device):  # torch's (CPU), an old number, or the user's
+            step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            state["step"] = step.to(device, torch.float32)
         if amsgrad and "max_exp_avg_sq" not in state:  # amsgrad may be switched on mid-run
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-            self._state_version += 1
         return state
 
     @torch.no_grad()
@@ -205,20 +274,26 @@ class AdamW(Optimizer):
         """Params with grads, grouped by (param group, device, dtypes, backend).
 
         The grouping of each param group is cached: it is rebuilt when the set of params with a
-        grad, the optimizer state, or a grad's dtype or layout changes; otherwise a step only
-        collects the grads (a fraction of a microsecond per tensor)."""
+        grad, amsgrad, a write into the optimizer state, or a grad's dtype or layout changes;
+        otherwise a step only collects the grads (a fraction of a microsecond per tensor)."""
+        if type(self.state) is not _State:  # the user assigned a new dict
+            self.state = _State(self.state)
+        if self._seen[0] is not self.state or self._seen[1] != _writes[0]:
+            self._layouts.clear()
+            self._generation += 1
         out = []
         for gi, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
             present = [g is not None for g in grads]
             cached = self._layouts.get(gi)
-            if (cached is None or cached[0] != self._state_version or cached[1] != present
+            if (cached is None or cached[0] != present or cached[1] != group["amsgrad"]
                     or not all(b.take_grads(grads) for b in cached[2])):
                 buckets = self._group_buckets(gi, group)
                 for b in buckets:
                     b.take_grads(grads)
-                cached = self._layouts[gi] = (self._state_version, present, buckets)
+                cached = self._layouts[gi] = (present, group["amsgrad"], buckets)
             out += cached[2]
+        self._seen = (self.state, _writes[0])  # after the rebuilds' own writes
         return out
 
     def _group_buckets(self, gi, group):
@@ -234,26 +309,33 @@ class AdamW(Optimizer):
                                 f"got {p.dtype}")
             state = self._init_state(p, group["amsgrad"])
             lp = _local(p)
-            flat_ok = lp.is_contiguous() and _local(g).is_contiguous()
+            _check_state(i, lp, state)
+            flat_ok = all(_local(t).is_contiguous() for t in
+                          [p, g] + [state[key] for key in _STATE_KEYS if key in state])
             key = (lp.device, lp.dtype, g.dtype, state["exp_avg"].dtype, "master_param" in state,
                    flat_ok)
             by_key[key].append((i, p, state))
         buckets = []
         for (device, p_dtype, g_dtype, s_dtype, has_master, flat_ok), items in by_key.items():
-            backend = self._choose_backend(device, p_dtype, flat_ok, has_master)
+            backend = self._choose_backend(device, p_dtype, g_dtype, s_dtype, flat_ok,
+                                           has_master)
             buckets.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
-                                   backend, items, self._state_version))
+                                   backend, items, self._generation))
         return buckets
 
-    def _choose_backend(self, device, p_dtype, flat_ok, has_master):
+    def _choose_backend(self, device, p_dtype, g_dtype, s_dtype, flat_ok, has_master):
         stochastic = self.stochastic_rounding and not has_master and p_dtype == torch.bfloat16
         if self.backend is not None:
             if not flat_ok and self.backend != "torch":
                 raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} needs contiguous "
-                                   "params and grads; use backend='torch' for strided ones")
+                                   "params, grads and states; use backend='torch' for strided "
+                                   "ones")
             if self.backend == "cuda" and stochastic:
                 raise RuntimeError("fasttrain AdamW: the cuda backend has no stochastic "
                                    "rounding; use backend='triton'")
+            reason = _dtype_reason(self.backend, p_dtype, g_dtype, s_dtype)
+            if reason is not None:
+                raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} {reason}")
             return self.backend
         if not flat_ok:
             _backend.log_once("adamw", "torch", "non-contiguous params or grads")
@@ -266,7 +348,8 @@ class AdamW(Optimizer):
             candidates = ()
         reasons = []
         for name in candidates:
-            reason = _unavailable_reason(name, device)
+            reason = _dtype_reason(name, p_dtype, g_dtype, s_dtype) \
+                or _unavailable_reason(name, device)
             if reason is None:
                 _backend.log_once("adamw", name, f"params on {device.type}")
                 return name
@@ -275,13 +358,14 @@ class AdamW(Optimizer):
         return "torch"
 
     def _clip_coefs(self, buckets, inv_scales):
-        """Per device: min(1, max_grad_norm / (||unscaled grads|| + 1e-6)), all on the device."""
+        """Per device: min(1, max_grad_norm / (||unscaled grads|| + 1e-6)), all on the device.
+        The sums of squares are fp64 and unscaled there."""
         sum_sq = None
         sharded_sum_sq = None
         for b in buckets:
             s = _SUM_SQ_FNS[b.backend](self, b)
             if b.device in inv_scales:
-                s = s * inv_scales[b.device] ** 2
+                s = s * inv_scales[b.device].double().square()
             if b.sharded:
                 sharded_sum_sq = s if sharded_sum_sq is None else sharded_sum_sq + s.to(
                     sharded_sum_sq.device)
@@ -293,7 +377,7 @@ class AdamW(Optimizer):
             group = _shard_group([b for b in buckets if b.sharded])
             dist.all_reduce(sharded_sum_sq, group=group)
             sum_sq = sharded_sum_sq if sum_sq is None else sum_sq + sharded_sum_sq.to(sum_sq.device)
-        total_norm = sum_sq.sqrt()
+        total_norm = sum_sq.sqrt().float()
         self.last_grad_norm = total_norm
         coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
         return {b.device: coef.to(b.device, non_blocking=True) for b in buckets}
@@ -305,7 +389,8 @@ class Adam(AdamW):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, **kwargs):
+                 amsgrad=False, *, decoupled_weight_decay=False, **kwargs):
+        self._decoupled = bool(decoupled_weight_decay)  # torch.optim.Adam's switch to AdamW
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
 
 
@@ -313,9 +398,9 @@ class _Bucket:
     """The tensors of one param group that one backend updates in one call."""
 
     def __init__(self, group_index, group, device, param_dtype, grad_dtype, state_dtype,
-                 has_master, backend, items, state_version):
+                 has_master, backend, items, generation):
         self.group_index = group_index
-        self.state_version = state_version
+        self.generation = generation
         self.group = group
         self.device = device
         self.param_dtype = param_dtype
@@ -330,7 +415,8 @@ class _Bucket:
         states = [s for _, _, s in items]
         self.exp_avgs = [_local(s["exp_avg"]) for s in states]
         self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
-        self.max_exp_avg_sqs = [_local(s["max_exp_avg_sq"]) for s in states if "max_exp_avg_sq" in s]
+        self.max_exp_avg_sqs = [_local(s["max_exp_avg_sq"]) for s in states] \
+            if group["amsgrad"] else []
         self.masters = [_local(s["master_param"]) for s in states] if has_master else []
         self.steps = [s["step"] for s in states]
         dtensors = [p for p in self.dparams if DTensor is not None and isinstance(p, DTensor)]
@@ -361,8 +447,8 @@ class _Bucket:
         """The Triton/CUDA device table, rebuilt only when a tensor's storage changed."""
         from fasttrain.kernels import adamw as kernels
 
-        ptrs = (self.state_version, tuple(t.data_ptr() for t in self.grads),
-                tuple(t.data_ptr() for t in self.params))
+        ptrs = (self.generation, bool(self.max_exp_avg_sqs),
+                tuple(t.data_ptr() for t in self.grads), tuple(t.data_ptr() for t in self.params))
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype)
         hit = cache.get(key)
         if hit is not None and hit[0] == ptrs:
@@ -371,6 +457,32 @@ class _Bucket:
                                     self.max_exp_avg_sqs, self.masters, self.steps, chunk)
         cache[key] = (ptrs, built)
         return built
+
+
+def _check_state(index, p, state):
+    """A clear error for state tensors that do not fit the param (e.g. replaced by hand)."""
+    for key in _STATE_KEYS:
+        t = state.get(key)
+        if t is not None and (_local(t).shape != p.shape or t.dtype != (
+                torch.float32 if key == "master_param" else state["exp_avg"].dtype)):
+            raise RuntimeError(f"fasttrain AdamW: state {key!r} of param {index} has shape "
+                               f"{tuple(_local(t).shape)} and dtype {t.dtype}; expected the "
+                               f"param's shape {tuple(p.shape)} and the exp_avg dtype "
+                               "(float32 for master_param)")
+
+
+def _dtype_reason(backend, p_dtype, g_dtype, s_dtype):
+    """None if ``backend`` updates params of p_dtype with grads of g_dtype and states of
+    s_dtype, else why not (the C++ kernels' dtype cases)."""
+    wide = (torch.float32, torch.bfloat16)
+    params = {"cpu": wide, "cuda": _FLOAT_DTYPES}.get(backend)
+    if params is None:  # torch, triton: every float dtype
+        return None
+    if p_dtype not in params or s_dtype not in wide or g_dtype not in (p_dtype, torch.float32):
+        return (f"has no kernel for {p_dtype} params with {g_dtype} grads and {s_dtype} states "
+                f"(params {', '.join(map(str, params))}; states float32 or bfloat16; grads the "
+                "param dtype or float32)")
+    return None
 
 
 def _unavailable_reason(backend, device):
@@ -449,7 +561,8 @@ def stochastic_round_bf16(x):
 
 
 def _sum_sq_torch(opt, b):
-    return sum(g.float().square().sum() for g in b.grads)
+    """fp64 sum of squares (the squares of GradScaler-scaled grads can pass the fp32 range)."""
+    return torch.stack(torch._foreach_norm(b.grads, 2, dtype=torch.float64)).square().sum()
 
 
 def _step_triton(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
@@ -473,7 +586,7 @@ def _sum_sq_triton(opt, b):
 
     chunk, block, num_warps = kernels.launch_config(_backend.interpret_mode())
     table, n_tensors, n_chunks, _ = b.table(opt._tables, chunk)
-    partials = torch.empty(n_chunks, dtype=torch.float32, device=b.device)
+    partials = torch.empty(n_chunks, dtype=torch.float64, device=b.device)
     kernels.sum_sq(table, n_tensors, n_chunks, partials, grad_dtype=b.grad_dtype, chunk=chunk,
                    block=block, num_warps=num_warps)
     return partials.sum()
@@ -500,6 +613,8 @@ def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgra
     chunk, _, _ = kernels.launch_config(False)
     table, n_tensors, n_chunks, _ = b.table(opt._tables, chunk)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.dtype != torch.float32:
+        lr_tensor = lr_tensor.float()  # the kernel reads an fp32 lr (torch allows fp64 too)
     torch.ops.fasttrain.adamw_cuda_(
         table, n_tensors, n_chunks, chunk, 0.0 if lr_tensor is not None else float(lr),
         lr_tensor, beta1, beta2, eps, weight_decay, b.param_dtype, b.grad_dtype, b.state_dtype,
@@ -507,11 +622,6 @@ def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgra
     b.mark_written()
 
 
-def _sum_sq_cuda(opt, b):
-    norms = torch._foreach_norm(b.grads, 2)
-    return torch.stack(norms).float().square().sum()
-
-
 _STEP_FNS = {"torch": _step_torch, "triton": _step_triton, "cpu": _step_cpu, "cuda": _step_cuda}
 _SUM_SQ_FNS = {"torch": _sum_sq_torch, "triton": _sum_sq_triton, "cpu": _sum_sq_cpu,
-               "cuda": _sum_sq_cuda}
+               "cuda": _sum_sq_torch}
