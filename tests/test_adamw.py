@@ -300,6 +300,22 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
 
 
+def test_optimizer_pickles_with_its_extras(tmp_path):
+    params = make_params("cpu")
+    opt = AdamW(params, lr=1e-2, max_grad_norm=0.5, seed=7)
+    run_steps(opt, params, 2)
+    torch.save({"params": params, "opt": opt}, tmp_path / "all.pt")
+    loaded = torch.load(tmp_path / "all.pt", weights_only=False)
+    copied = copy.deepcopy(opt)
+    run_steps(opt, params, 2, first=2)
+    for other in (loaded["opt"], copied):
+        assert (other.max_grad_norm, other.seed) == (0.5, 7)
+        mine = other.param_groups[0]["params"]
+        run_steps(other, mine, 2, first=2)
+        for p, q in zip(params, mine):
+            assert torch.equal(p, q)
+
+
 def test_adam_decoupled_weight_decay_is_adamw():
     models = []
     for opt_fn in (lambda m: Adam(m.parameters(), lr=1e-2, weight_decay=0.1,

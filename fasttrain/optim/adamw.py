@@ -29,6 +29,8 @@ from fasttrain import _backend, _ext
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+_CONFIG = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "backend",
+           "seed", "last_grad_norm", "_step_supports_amp_scaling", "_decoupled")
 
 try:
     from torch.distributed.tensor import DTensor
@@ -148,11 +150,7 @@ class AdamW(Optimizer):
         self.last_grad_norm = None
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
-        self.state = _State(self.state)
-        self._tables = {}
-        self._layouts = {}  # param group index -> (which params have grads, amsgrad, buckets)
-        self._generation = 0  # bumped whenever the layouts are dropped (a state write)
-        self._seen = (None, None)  # (state dict, write count) the layouts were built from
+        self._reset_caches()
         if self.backend is not None:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -161,9 +159,21 @@ class AdamW(Optimizer):
                         raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} cannot run "
                                            f"for a parameter on {p.device}: {reason}")
 
+    def _reset_caches(self):
+        self.state = _State(self.state)
+        self._tables = {}
+        self._layouts = {}  # param group index -> (which params have grads, amsgrad, buckets)
+        self._generation = 0  # bumped whenever the layouts are dropped (a state write)
+        self._seen = (None, None)  # (state dict, write count) the layouts were built from
+
+    def __getstate__(self):  # pickling the optimizer itself keeps the extras
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in _CONFIG if key in self.__dict__})
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)  # also how torch's load_state_dict installs the new state
-        self.state = _State(self.state)
+        self._reset_caches()
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", self._decoupled)
             for key in ("foreach", "fused"):
