@@ -9,6 +9,7 @@ real sizes on CUDA.
 import pytest
 import torch
 
+from fasttrain import _backend
 from fasttrain.kernels import varlen_attn as kernels
 from fasttrain.nn import VarlenAttention
 from fasttrain.ops import (cu_seqlens_from_mask, cu_seqlens_from_position_ids, dense_attention,
@@ -115,6 +116,16 @@ def test_matches_reference(device, dtype, mask):
     lens = sizes(device, [5, 70, 1, 130], [1, 127, 1000, 2049, 513, 64])
     heads = sizes(device, (4, 2), (32, 8))
     check_against_reference(*make(lens, lens, *heads, 64, dtype, device), **MASKS[mask])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("softcap", [50.0, 500.0])
+def test_fp32_softcap_much_larger_than_the_scores(device, softcap):
+    # tanh of small arguments: 1 - 2 / (e + 1) alone was 8x (softcap 50) to 100x (500) off
+    # torch's fp32 error
+    lens = sizes(device, [100, 37], [1000, 2049])
+    check_against_reference(*make(lens, lens, 2, 1, 64, torch.float32, device), causal=True,
+                            softcap=softcap)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -264,7 +275,23 @@ def test_unpad_pad_and_cu_seqlens_helpers():
         cu_seqlens_from_position_ids(torch.tensor([1, 2, 0]))
 
 
-def test_torch_compile_fullgraph():
+def test_cpu_cu_seqlens_written_behind_torchs_back_are_read_again():
+    q, k, v, cu_q, _ = make([70, 10], [70, 10], 2, 1, 16, torch.float32, "cpu")
+    varlen_attention(q, k, v, cu_q, cu_q, causal=True, backend="triton")
+    cu_q.numpy()[1] = 10  # no new tensor version
+    for cu_seqlens in (cu_q, torch.tensor([0, 90, 80], dtype=torch.int32)):
+        cu_seqlens.numpy()[:] = [0, 10, 80]
+        got = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, causal=True, backend="triton")
+        expected = varlen_attention_reference(q, k, v, cu_seqlens, cu_seqlens, causal=True)[0]
+        torch.testing.assert_close(got, expected)
+    cu_q.numpy()[1] = 90
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(q, k, v, cu_q, cu_q, causal=True, backend="triton")
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    monkeypatch.setattr(_backend, "_logged", set())  # compiled first: the choice not logged yet
+
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -278,15 +305,15 @@ def test_torch_compile_fullgraph():
     torch.manual_seed(0)
     model = Block()
     x, cu_seqlens = torch.randn(40, 32), cu([25, 15])
-    eager = model(x, cu_seqlens)
-    eager.backward()
-    grad = model.proj.weight.grad.clone()
-    model.zero_grad()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     result = compiled(x, cu_seqlens)
     result.backward()
+    grad = model.proj.weight.grad.clone()
+    model.zero_grad()
+    eager = model(x, cu_seqlens)
+    eager.backward()
     torch.testing.assert_close(result, eager)
-    torch.testing.assert_close(model.proj.weight.grad, grad)
+    torch.testing.assert_close(grad, model.proj.weight.grad)
 
 
 def test_opcheck():
@@ -329,6 +356,8 @@ def _bad_inputs():
         "multiple of"
     yield "cu int64", dict(cu_seqlens_q=cu_q.long()), TypeError, "int32"
     yield "cu 2-D", dict(cu_seqlens_q=cu_q[None]), ValueError, "1-D"
+    yield "cu strided", dict(cu_seqlens_q=torch.stack([cu_q, cu_q], 1)[:, 0]), ValueError, \
+        "contiguous"
     yield "cu lengths", dict(cu_seqlens_k=cu([3, 5, 0])), ValueError, "same length"
     yield "cu not monotone", dict(cu_seqlens_q=torch.tensor([0, 6, 3, 8], dtype=torch.int32),
                                   cu_seqlens_k=cu([3, 3, 2])), ValueError, "non-decreasing"
@@ -337,6 +366,8 @@ def _bad_inputs():
         ValueError, "start at 0"
     yield "window", dict(window_size=(-2, 0)), ValueError, "window_size"
     yield "softcap", dict(softcap=-1.0), ValueError, "softcap"
+    yield "softcap inf", dict(softcap=float("inf")), ValueError, "finite"
+    yield "scale nan", dict(softmax_scale=float("nan")), ValueError, "finite"
     yield "dropout", dict(dropout_p=0.1), NotImplementedError, "dropout"
     yield "not a tensor", dict(q=[1.0]), TypeError, "torch.Tensor"
 

@@ -191,11 +191,9 @@ def _choose_backend(backend, device):
         return chosen
     reason = _backend.triton_unavailable_reason(device)
     if reason is None:
-        if not torch.compiler.is_compiling():
-            _backend.log_once(FAMILY, "triton", f"tensors on {device.type}")
+        _backend.log_once(FAMILY, "triton", f"tensors on {device.type}")
         return "triton"
-    if not torch.compiler.is_compiling():
-        _backend.warn_once(FAMILY, device.type, f"triton: {reason}")
+    _backend.warn_once(FAMILY, device.type, f"triton: {reason}")
     return "torch"
 
 

@@ -8,6 +8,7 @@ and the oracle of the tests. CUDA tensors get Triton; CPU tensors the reference.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -140,15 +141,22 @@ _varlen_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
-_CHECKED = WeakIdKeyDictionary()  # cu_seqlens tensor -> (version, total) already checked
+_CHECKED = WeakIdKeyDictionary()  # CUDA cu_seqlens tensor -> (version, total) already checked
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
-    """Values of cu_seqlens: on CPU a clear error; on CUDA a device-side assert (no host sync;
-    the kernels also clamp every sequence to [0, total], so a bad value cannot read out of
-    bounds); under torch.compile nothing. Once per tensor and version: the layers of a model
-    share one cu_seqlens."""
+    """Values of cu_seqlens: on CPU a clear error, at every call; on CUDA a device-side assert
+    (no host sync; the kernels also clamp every sequence to [0, total], so a bad value cannot
+    read out of bounds), once per tensor and version (the layers of a model share one
+    cu_seqlens); under torch.compile nothing."""
     if torch.compiler.is_compiling() or cu.numel() == 0:
+        return
+    first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
+    if cu.device.type != "cuda":
+        for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),
+                         (last, f"end at the number of tokens ({total})")):
+            if not bool(ok):
+                raise ValueError(f"{name} must {what}; got {cu.tolist()}")
         return
     try:
         key = (cu._version, total)
@@ -156,17 +164,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
         key = None
     if key is not None and _CHECKED.get(cu) == key:
         return
-    first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
-    if cu.device.type == "cuda":
-        torch._assert_async(first & last & monotone,
-                            f"{name} must start at 0, be non-decreasing and end at {total}")
-        if key is not None:
-            _CHECKED[cu] = key
-        return
-    for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),
-                     (last, f"end at the number of tokens ({total})")):
-        if not bool(ok):
-            raise ValueError(f"{name} must {what}; got {cu.tolist()}")
+    torch._assert_async(first & last & monotone,
+                        f"{name} must start at 0, be non-decreasing and end at {total}")
     if key is not None:
         _CHECKED[cu] = key
 
@@ -205,6 +204,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout
             raise TypeError(f"{name} must be int32, got {cu.dtype}")
         if cu.dim() != 1 or cu.numel() < 1:
             raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+        if not cu.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got stride {cu.stride()}")
         if cu.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -212,8 +213,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
         raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0: off), got {softcap}")
+    if not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
     if dropout_p != 0.0:
         raise NotImplementedError("varlen_attention has no attention dropout (dropout_p must be 0)")
     if alibi_slopes is not None:
@@ -256,9 +257,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     Arguments:
         q: (total_q, nheads, headdim), fp16/bf16 (fp32 too) on CUDA, any float on CPU.
         k, v: (total_k, nheads_k, headdim); nheads must be a multiple of nheads_k (GQA/MQA).
-        cu_seqlens_q, cu_seqlens_k: (batch + 1,), int32, starting at 0, non-decreasing, ending
-            at total_q / total_k. Sequence b of q attends to sequence b of k; lengths may
-            differ (cross-attention, chunked prefill) and may be 0.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,), int32, contiguous, starting at 0,
+            non-decreasing, ending at total_q / total_k. Sequence b of q attends to sequence b
+            of k; lengths may differ (cross-attention, chunked prefill) and may be 0. On CUDA
+            their check and the kernels' tile maps are made once per tensor and version (all
+            layers share them): change their contents through torch ops (in place is fine),
+            not through aliases that torch does not see (``.data``, NumPy, DLPack).
         max_seqlen_q, max_seqlen_k: optional and unused: nothing here syncs with the host, with
             or without them (accepted for drop-in compatibility).
         softmax_scale: default 1 / sqrt(headdim).
@@ -271,12 +275,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         backend: "triton" or "torch" (None: Triton for CUDA tensors, the reference on CPU).
     Returns:
         out (total_q, nheads, headdim), and lse if ``return_lse``. Queries that see no key get
-        out = 0 and lse = -inf.
+        out = 0 and lse = -inf (the log of an empty sum; FlashAttention 2 writes +inf there).
     """
     del max_seqlen_q, max_seqlen_k, deterministic
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout_p,
               alibi_slopes)
     scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     left, right = _window(causal, window_size)
     # a window wider than every sequence is no window (and keeps the kernels' int32 math safe)
     widest = q.shape[0] + k.shape[0]
@@ -312,8 +318,9 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
             raise ValueError(f"{name} must be a (batch, seqlen, nheads, headdim) tensor")
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    if k.shape[0] != batch:
-        raise ValueError(f"q and k must have the same batch size, got {batch} and {k.shape[0]}")
+    if k.shape[0] != batch or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k and v must be (batch, seqlen_k, ...) with q's batch size {batch}, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
 
     def cu(seqlen):
         return torch.arange(batch + 1, dtype=torch.int32, device=q.device) * seqlen
