@@ -152,6 +152,21 @@ def test_adam_matches_torch(device, backend, kwargs):
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
+def test_adam_without_weight_decay_keeps_an_inf_param_inf(device, backend):
+    params = make_params(device)
+    params[0].data[0, 0] = float("inf")
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adam(params, lr=1e-2, backend=backend)
+    run_steps(opt, params, 2)
+    run_steps(torch.optim.Adam(ref_params, lr=1e-2), ref_params, 2)
+    assert params[0][0, 0].item() == float("inf")
+    assert not opt.state[params[0]]["exp_avg"].isnan().any()
+    for p, r in zip(params, ref_params):
+        assert torch.equal(p.isinf(), r.isinf())
+        assert_close(p[p.isfinite()], r[r.isfinite()], rel=1e-6)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
 def test_ragged_sizes_and_params_without_grad(device, backend):
     params = make_params(device)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
