@@ -122,9 +122,9 @@ py::object sum_sq_cpu_direct(py::handle tensors) {
 
 TORCH_LIBRARY_FRAGMENT(fasttrain, m) {
   m.def(
-      "adamw_cpu_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
-      "Tensor(f!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "adamw_cpu_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, "
+      "Tensor(g!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled, bool amsgrad, bool maximize, bool stochastic, int seed, "
       "Tensor? inv_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
   m.def("sum_sq_cpu(Tensor[] tensors) -> Tensor");

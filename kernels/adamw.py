@@ -74,13 +74,17 @@ def _load_f32(ptr, mask):
 @triton.jit
 def _adamw_block(offs, mask, param, grad, exp_avg, exp_avg_sq, vmax_ptr, master, rseed,
                  step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 weight_decay, grad_mul, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_GRAD_MUL: tl.constexpr):
+                 weight_decay, inv_scale, clip_coef, PARAM_DTYPE: tl.constexpr,
+                 GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
     # The update of one block of elements, in torch.optim.AdamW's order of operations.
     g = _load_f32(grad + offs, mask)
-    if HAS_GRAD_MUL:
-        g = g * grad_mul
+    if HAS_INV_SCALE:  # the unscaled grads stay in .grad, as torch's fused optimizers leave them
+        g = g * inv_scale
+        _store_rounded(grad + offs, g, mask, None, GRAD_DTYPE)
+    if HAS_CLIP:
+        g = g * clip_coef
     if MAXIMIZE:
         g = -g
     if HAS_MASTER:
@@ -161,11 +165,12 @@ def _adamw_kernel(
     decay = tl.cast(1.0 - lr64 * wd64, tl.float32)
     one_minus_beta1 = tl.cast(1.0 - b1, tl.float32)
     one_minus_beta2 = tl.cast(1.0 - b2, tl.float32)
-    grad_mul = 1.0
+    inv_scale = 1.0
     if HAS_INV_SCALE:
-        grad_mul = grad_mul * tl.load(inv_scale_ptr)
+        inv_scale = tl.load(inv_scale_ptr)
+    clip_coef = 1.0
     if HAS_CLIP:
-        grad_mul = grad_mul * tl.load(clip_coef_ptr)
+        clip_coef = tl.load(clip_coef_ptr)
 
     master = _tensor_ptr(table, table_addr, ROW_MASTER, n_tensors, t, tl.float32, ALIGNED)
     vmax = _tensor_ptr(table, table_addr, ROW_MAX_EXP_AVG_SQ, n_tensors, t, STATE_DTYPE, ALIGNED)
@@ -176,14 +181,16 @@ def _adamw_kernel(
         offs = tl.multiple_of(off, BLOCK) + tl.arange(0, BLOCK)
         _adamw_block(offs, None, param, grad, exp_avg, exp_avg_sq, vmax, master, rseed,
                      step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     weight_decay, grad_mul, PARAM_DTYPE, STATE_DTYPE, DECOUPLED, AMSGRAD,
-                     MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_INV_SCALE or HAS_CLIP)
+                     weight_decay, inv_scale, clip_coef, PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE,
+                     DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_INV_SCALE,
+                     HAS_CLIP)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _adamw_block(offs, offs < end, param, grad, exp_avg, exp_avg_sq, vmax, master, rseed,
                      step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     weight_decay, grad_mul, PARAM_DTYPE, STATE_DTYPE, DECOUPLED, AMSGRAD,
-                     MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_INV_SCALE or HAS_CLIP)
+                     weight_decay, inv_scale, clip_coef, PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE,
+                     DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_INV_SCALE,
+                     HAS_CLIP)
 
 
 @triton.jit

@@ -401,6 +401,9 @@ def test_grad_scaler_unscales_and_skips_inf(device, backend, init_scale):
         if i == 2:  # the inf step is skipped: params and step counters unchanged
             assert all(torch.equal(b, p) for b, p in zip(before, params))
             assert opt.state[params[0]]["step"].item() == 2
+        else:  # the unscaled grads are left in .grad, as by torch's fused optimizers
+            for p, g in zip(params, grads):
+                assert torch.equal(p.grad, g)
         opt.zero_grad()
         ref.zero_grad()
     assert scaler.get_scale() == ref_scaler.get_scale() == init_scale / 2

@@ -254,14 +254,18 @@ def test_adamw_cpu_matches_float64(ext, case, options):
     n_steps = 2
     for _ in range(n_steps):
         grads = [torch.randn(n, generator=gen).to(grad_dtype) for n in SIZES]
+        raw = [g.clone() for g in grads]
         torch.ops.fasttrain.adamw_cpu_(
             ps, grads, ms, vs, vmaxs, masters, steps, hyper["lr"], hyper["beta1"],
             hyper["beta2"], hyper["eps"], wd, decoupled, amsgrad, maximize, stochastic, 7,
             None if inv_scale is None else torch.tensor(inv_scale),
             None, None if clip is None else torch.tensor([clip]))
+        for g, g0 in zip(grads, raw):  # a grad scaler's grads are left unscaled, as by torch
+            assert torch.equal(g, g0 if inv_scale is None else (g0.double() * inv_scale).to(
+                grad_dtype))
         for i, r in enumerate(ref):
             p, m, v, vmax, step = _ref_step(
-                r[0], grads[i].double(), r[2], r[3], r[4], r[5], decoupled=decoupled,
+                r[0], raw[i].double(), r[2], r[3], r[4], r[5], decoupled=decoupled,
                 amsgrad=amsgrad, maximize=maximize, inv_scale=inv_scale, clip=clip, **hyper)
             if state_dtype == torch.bfloat16:  # the op stores its states rounded
                 m, v = m.to(torch.bfloat16).double(), v.to(torch.bfloat16).double()

@@ -97,6 +97,7 @@ inline uint32_t tensor_key(int64_t seed, double step, int64_t tensor_index) {
 // Scalars shared by every tensor of one call (fp32 as torch casts its Python-float scalars).
 struct Hyper {
   float grad_mul_scale;  // inv_scale or 1
+  bool store_grad;       // with inv_scale: the unscaled grad is written back (torch's fused do)
   float grad_mul_clip;   // clip_coef or 1
   float grad_sign;       // -1 for maximize, else 1
   float weight_decay;    // L2 coefficient (Adam)
@@ -114,7 +115,7 @@ using UpdateFn = void (*)(const Job&, const Hyper&, int64_t, int64_t);
 
 struct Job {
   void* param;
-  const void* grad;
+  void* grad;
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
@@ -134,13 +135,14 @@ enum class Mode { kPlain, kMaster, kStochastic };
 template <typename P, typename G, typename S, bool kDecoupled, bool kAmsgrad, Mode kMode>
 void update_range(const Job& job, const Hyper& h, int64_t begin, int64_t end) {
   P* __restrict param = static_cast<P*>(job.param);
-  const G* __restrict grad = static_cast<const G*>(job.grad);
+  G* __restrict grad = static_cast<G*>(job.grad);
   S* __restrict exp_avg = static_cast<S*>(job.exp_avg);
   S* __restrict exp_avg_sq = static_cast<S*>(job.exp_avg_sq);
   S* __restrict max_exp_avg_sq = static_cast<S*>(job.max_exp_avg_sq);
   float* __restrict master = job.master;
 
   const float grad_mul_scale = h.grad_mul_scale, grad_mul_clip = h.grad_mul_clip;
+  const bool store_grad = h.store_grad;
   const float grad_sign = h.grad_sign, weight_decay = h.weight_decay, decay = h.decay;
   const float lerp_coef = h.lerp_coef;
   // lerp base: m if w < 0.5 else g, as a bit mask (a select on a bool does not vectorize).
@@ -153,6 +155,9 @@ void update_range(const Job& job, const Hyper& h, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float g = to_float(grad[i]);
     g = g * grad_mul_scale;  // multiplying by 1 or -1 is exact
+    if (store_grad) {
+      store(&grad[i], g);
+    }
     g = g * grad_mul_clip;
     g = g * grad_sign;
     float p;
@@ -376,6 +381,7 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
 
   Hyper h;
   h.grad_mul_scale = grad_mul_scale;
+  h.store_grad = inv_scale != nullptr;
   h.grad_mul_clip = grad_mul_clip;
   h.grad_sign = maximize ? -1.0f : 1.0f;
   h.weight_decay = static_cast<float>(weight_decay);

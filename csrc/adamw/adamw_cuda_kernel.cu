@@ -111,10 +111,9 @@ struct Scalars {
   bool amsgrad;
 };
 
-// One element of AdamW; p, g, m, v (and v_max) in fp32, updated in place.
+// One element of AdamW; p, g (already unscaled), m, v (and v_max) in fp32, updated in place.
 __device__ __forceinline__ void adamw_element(const Scalars& s, float& p, float g, float& m,
                                               float& v, float& v_max) {
-  g = g * s.grad_mul_scale;
   g = g * s.grad_mul_clip;
   g = g * s.grad_sign;
   if (s.decoupled) {
@@ -180,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   P* param = reinterpret_cast<P*>(table[kRowParam * n_tensors + t]);
-  const G* grad = reinterpret_cast<const G*>(table[kRowGrad * n_tensors + t]);
+  G* grad = reinterpret_cast<G*>(table[kRowGrad * n_tensors + t]);
   S* exp_avg = reinterpret_cast<S*>(table[kRowExpAvg * n_tensors + t]);
   S* exp_avg_sq = reinterpret_cast<S*>(table[kRowExpAvgSq * n_tensors + t]);
   const bool amsgrad = o.amsgrad;
@@ -195,11 +194,12 @@ __global__ void __launch_bounds__(kThreads)
   const double lr = o.lr_ptr != nullptr ? static_cast<double>(*o.lr_ptr) : o.lr;
   Scalars s;
   s.grad_mul_scale = o.inv_scale != nullptr ? *o.inv_scale : 1.0f;
+  // With a grad scaler the unscaled grads are written back, as torch's fused optimizers do.
+  const bool store_grad = o.inv_scale != nullptr;
   s.grad_mul_clip = o.clip_coef != nullptr ? *o.clip_coef : 1.0f;
   s.grad_sign = o.maximize ? -1.0f : 1.0f;
   s.weight_decay = static_cast<float>(o.weight_decay);
-  s.decay = o.lr_ptr != nullptr ? 1.0f - static_cast<float>(lr) * s.weight_decay
-                                : static_cast<float>(1.0 - lr * o.weight_decay);
+  s.decay = static_cast<float>(1.0 - lr * o.weight_decay);
   // With weight_decay == 0 torch skips the decay; the L2 form would turn an inf param to NaN.
   s.decoupled = o.decoupled || o.weight_decay == 0.0;
   s.amsgrad = amsgrad;
@@ -237,6 +237,14 @@ __global__ void __launch_bounds__(kThreads)
       Pack<P, VEC> p_in;
       Pack<float, VEC> master_in;
       g_in.load(grad, i);
+      if (store_grad) {  // stored first: the pack is not kept alive through the update
+        Pack<G, VEC> unscaled;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          unscaled.elems[j] = from_float<G>(to_float(g_in.elems[j]) * s.grad_mul_scale);
+        }
+        unscaled.store(grad, i);
+      }
       m_in.load(exp_avg, i);
       v_in.load(exp_avg_sq, i);
       if (amsgrad) vmax_in.load(max_exp_avg_sq, i);
@@ -251,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
         float m = to_float(m_in.elems[j]);
         float v = to_float(v_in.elems[j]);
         float v_max = amsgrad ? to_float(vmax_in.elems[j]) : 0.0f;
-        adamw_element(s, p, to_float(g_in.elems[j]), m, v, v_max);
+        adamw_element(s, p, to_float(g_in.elems[j]) * s.grad_mul_scale, m, v, v_max);
         m_in.elems[j] = from_float<S>(m);
         v_in.elems[j] = from_float<S>(v);
         if (amsgrad) vmax_in.elems[j] = from_float<S>(v_max);
@@ -272,7 +280,9 @@ __global__ void __launch_bounds__(kThreads)
     float m = to_float(exp_avg[i]);
     float v = to_float(exp_avg_sq[i]);
     float v_max = amsgrad ? to_float(max_exp_avg_sq[i]) : 0.0f;
-    adamw_element(s, p, to_float(grad[i]), m, v, v_max);
+    const float g = to_float(grad[i]) * s.grad_mul_scale;
+    if (store_grad) grad[i] = from_float<G>(g);
+    adamw_element(s, p, g, m, v, v_max);
     exp_avg[i] = from_float<S>(m);
     exp_avg_sq[i] = from_float<S>(v);
     if (amsgrad) max_exp_avg_sq[i] = from_float<S>(v_max);

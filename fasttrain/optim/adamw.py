@@ -359,6 +359,7 @@ class AdamW(Optimizer):
         reasons = []
         for name in candidates:
             reason = _dtype_reason(name, p_dtype, g_dtype, s_dtype) \
+                or ("has no stochastic rounding" if name == "cuda" and stochastic else None) \
                 or _unavailable_reason(name, device)
             if reason is None:
                 _backend.log_once("adamw", name, f"params on {device.type}")
@@ -531,6 +532,7 @@ def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgr
         g = grad if grad.dtype == torch.float32 else grad.float()
         if inv_scale is not None:
             g = g * inv_scale
+            grad.copy_(g)  # the unscaled grads stay in .grad, as torch's fused optimizers do
         if clip_coef is not None:
             g = g * clip_coef
         if maximize:
