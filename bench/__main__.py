@@ -73,9 +73,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for name in args.suite:
         suite = importlib.import_module(f"bench.{name}")
         ctx = common.Context(device, args.sizes, reps=reps, warmup=1, probe=probe)
-        rows = common.finish_rows(suite.run(ctx), suite.BASELINE, env)
-        common.print_table(rows)
-        path = common.write_json(name, rows, ctx, env, out)
+        rows = []
+        for batch in suite.run(ctx):  # one workload's rows: written at once (a run cut off
+            rows += batch             # by a time limit keeps what it measured)
+            common.finish_rows(rows, suite.BASELINE, env)
+            common.print_table(batch)
+            path = common.write_json(name, rows, ctx, env, out, complete=False)
+        path = common.write_json(name, rows, ctx, env, out, complete=True)
         print(f"\nwrote {path}", flush=True)
     return 0
 

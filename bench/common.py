@@ -3,8 +3,9 @@
 Timing interleaves providers inside one process: each repetition runs every provider and the
 bandwidth probe once (round-robin, starting one further along each time), so clock, thermal and
 neighbour drift hit all of them alike. CPU: time.perf_counter around each call. CUDA: an event
-pair around each call (as triton.testing.do_bench measures), starting from an idle GPU; the
-elapsed times are read once at the end.
+pair around each call, starting from an idle GPU, so the host's launch time (Python, checks,
+kernel launches) counts as a user sees it; do_bench (bench/tune.py) queues calls back to back
+and hides it. The elapsed times are read once at the end.
 """
 from __future__ import annotations
 
@@ -294,13 +295,18 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def write_json(suite: str, rows: list[dict], ctx: Context, env: dict, out_dir: Path) -> Path:
-    """bench/results/<suite>-<device-name-slug>-<YYYYMMDD-HHMMSS>.json (UTC)."""
+def write_json(suite: str, rows: list[dict], ctx: Context, env: dict, out_dir: Path,
+               complete: bool = True) -> Path:
+    """bench/results/<suite>-<device-name-slug>-<YYYYMMDD-HHMMSS>.json (UTC); rewritten after
+    each workload, ``complete`` once the suite has run to its end."""
     stamp = datetime.datetime.fromisoformat(env["timestamp"]).strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{suite}-{slug(env['device_name'])}-{stamp}.json"
-    doc = {"suite": suite, "env": env, "bandwidth_probe": ctx.probe.describe(),
+    doc = {"suite": suite, "complete": complete, "env": env,
+           "bandwidth_probe": ctx.probe.describe(),
            "matmul_probe": ctx.matmul.describe() if ctx.matmul else None,
            "skipped": ctx.skipped, "rows": rows}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous complete file
     return path

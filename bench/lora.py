@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ def flops(provider: str, w: dict, mode: str) -> int:
     if provider == BASELINE:
         return {"fwd": base, "bwd": base, "fwd+bwd": 2 * base}[mode]
     low_fwd = 2 * M * r * (K + N)
-    low_bwd = 2 * low_fwd + 2 * M * r * K  # dy B, g A, dA, dB... (4 thin products)
+    low_bwd = 2 * low_fwd  # dh = s dy B, dB = s dy^T h, dA = dh^T x, dx += dh A (h is saved)
     return {"fwd": base + low_fwd, "bwd": base + low_bwd,
             "fwd+bwd": 2 * base + low_fwd + low_bwd}[mode]
 
@@ -158,20 +158,20 @@ def _memory(fwd, inputs, dy, device) -> dict:
     """CUDA: bytes the forward keeps for backward, peak of one fwd+bwd above what was there."""
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     y = fwd()
     saved = torch.cuda.memory_allocated(device) - start - y.nbytes
-    torch.cuda.reset_peak_memory_stats(device)
     torch.autograd.grad(y, inputs, dy)
     del y
     peak = torch.cuda.max_memory_allocated(device) - start
     return {"saved_bytes": saved, "peak_bytes": peak}
 
 
-def run(ctx: Context) -> list[dict]:
+def run(ctx: Context) -> Iterator[list[dict]]:
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     elem = torch.finfo(dtype).bits // 8
-    rows = []
     for w in workloads(ctx):
+        rows = []
         t = make_tensors(w, dtype, ctx.device)
         fns, info = {}, {}
         for name, make in PROVIDERS.items():
@@ -213,4 +213,4 @@ def run(ctx: Context) -> list[dict]:
         gc.collect()
         if ctx.cuda:
             torch.cuda.empty_cache()
-    return rows
+        yield rows

@@ -50,7 +50,9 @@ def table(doc: dict) -> list[str]:
         peaks.append(f"measured copy bandwidth {fmt(env['peak_copy_gbps'])} GB/s")
     if env.get("peak_matmul_tflops") is not None:
         peaks.append(f"matmul {fmt(env['peak_matmul_tflops'])} TFLOP/s")
-    lines = [f"#### {doc['suite']} on {env['device_name']}", "",
+    partial = " (partial: the run stopped before the suite's end)" \
+        if doc.get("complete") is False else ""
+    lines = [f"#### {doc['suite']} on {env['device_name']}{partial}", "",
              f"From [`{rel}`]({rel}): `{env['command']}`, {env['device']} "
              f"({env.get('threads', '?')} threads), torch {env['torch']}, git "
              f"`{env['git_sha'][:12]}`, {env['timestamp']}"

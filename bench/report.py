@@ -56,9 +56,11 @@ def blocks(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 def rate(row: dict) -> tuple[float | None, str]:
     """The row's headline rate: TFLOP/s for compute-bound rows (those with ``flops``; their
-    % of probe is against the matmul probe), else GB/s."""
+    % of probe is against the matmul probe), tokens/s for end-to-end rows, else GB/s."""
     if "tflops" in row:
         return row["tflops"], "TFLOP/s"
+    if "tokens_per_s" in row:
+        return row["tokens_per_s"], "tokens/s"
     return row.get("gbps"), "GB/s"
 
 
@@ -91,7 +93,9 @@ def environment_lines(doc: dict) -> list[str]:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "python")
                          if env.get(k))
     lines = [
-        f"- file: `{doc['path'].name}`",
+        f"- file: `{doc['path'].name}`"
+        + (" (partial: the run stopped before the suite's end)"
+           if doc.get("complete") is False else ""),
         f"- device: {env['device_name']} ({env['device']}, {env.get('threads', '?')} threads)",
         f"- versions: {versions}",
         f"- git sha: `{env['git_sha']}`",
@@ -111,16 +115,27 @@ def environment_lines(doc: dict) -> list[str]:
 
 def block_table(rows: list[dict]) -> list[str]:
     _, unit = rate(rows[0])
-    probe = (f"matmul probe {fmt(rows[0]['probe_tflops'])} TFLOP/s" if "probe_tflops" in rows[0]
-             else f"bandwidth probe {fmt(rows[0].get('probe_gbps'))} GB/s")
-    lines = [f"{probe}; speedup vs `{rows[0].get('baseline')}`", "",
-             f"| provider | p50 ms | p20-p80 ms | {unit} | % of probe | speedup | timing |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    if "probe_tflops" in rows[0]:
+        probe = f"matmul probe {fmt(rows[0]['probe_tflops'])} TFLOP/s; "
+    elif "probe_gbps" in rows[0]:
+        probe = f"bandwidth probe {fmt(rows[0]['probe_gbps'])} GB/s; "
+    else:
+        probe = ""
+    e2e = any("loss_max_abs_diff" in r for r in rows)  # end to end: memory and loss columns
+    extra = " peak GiB | loss max abs diff |" if e2e else ""
+    lines = [f"{probe}speedup vs `{rows[0].get('baseline')}`", "",
+             f"| provider | p50 ms | p20-p80 ms | {unit} | % of probe | speedup |{extra} timing |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (2 * e2e) + "---|"]
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
         pct = f"{r['pct_of_probe']:.0f}%" if r.get("pct_of_probe") is not None else "-"
+        cells = ""
+        if e2e:
+            peak = r["peak_bytes"] / 2**30 if r.get("peak_bytes") is not None else None
+            diff = r.get("loss_max_abs_diff")
+            cells = f" {fmt(peak)} | {'-' if diff is None else f'{diff:.2e}'} |"
         lines.append(f"| {r['provider']} | {fmt(r['p50_ms'])} | {fmt(r['p20_ms'])}-"
-                     f"{fmt(r['p80_ms'])} | {fmt(rate(r)[0])} | {pct} | {speedup} | "
+                     f"{fmt(r['p80_ms'])} | {fmt(rate(r)[0])} | {pct} | {speedup} |{cells} "
                      f"{r.get('timing', '')} |")
     return lines
 

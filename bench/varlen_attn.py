@@ -19,7 +19,7 @@ import inspect
 import json
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -290,8 +290,6 @@ def measure(ctx: Context, workload: str, s: Shape) -> list[dict]:
     return rows
 
 
-def run(ctx: Context) -> list[dict]:
-    rows = []
+def run(ctx: Context) -> Iterator[list[dict]]:
     for workload, shape in plan(ctx):
-        rows += measure(ctx, workload, shape)
-    return rows
+        yield measure(ctx, workload, shape)
