@@ -253,6 +253,24 @@ def test_state_changed_by_hand_is_seen(device, backend, reset):
     assert len(opt.state_dict()["state"]) == len(params)
 
 
+def test_layouts_are_kept_across_steps_without_state_writes(monkeypatch):
+    """The per-step cache survives what does not change the tensors a step reads: the user's
+    own keys in a param's state, another optimizer's state, a copy of the state."""
+    params, other = make_params("cpu"), make_params("cpu", seed=1)
+    opt, other_opt = AdamW(params, lr=1e-2), AdamW(other, lr=1e-2)
+    builds = []
+    group_buckets = AdamW._group_buckets
+    monkeypatch.setattr(AdamW, "_group_buckets",
+                        lambda self, *a: builds.append(self) or group_buckets(self, *a))
+    for i in range(4):
+        run_steps(opt, params, 1, first=i)
+        opt.state[params[0]]["my_counter"] = i
+        other_opt.state.clear()
+        run_steps(other_opt, other, 1, first=i)
+        assert isinstance(opt.state.copy(), dict) and len(copy.copy(opt.state) | {}) == 5
+    assert builds.count(opt) == 1 and builds.count(other_opt) == 4
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_amsgrad_switched_mid_run(device, backend):
     params = make_params(device)
@@ -341,7 +359,8 @@ def test_adam_decoupled_weight_decay_is_adamw():
         assert torch.equal(p, q)
 
 
-def test_fp16_params_on_cpu_use_the_reference_unless_forced():
+def test_fp16_params_on_cpu_use_the_reference_unless_forced(monkeypatch):
+    monkeypatch.setattr(_backend, "_logged", set())  # the warning is once per process
     p = torch.nn.Parameter(torch.randn(10, dtype=torch.float16))
     p.grad = torch.randn(10, dtype=torch.float16)
     ref = torch.nn.Parameter(p.detach().clone())

@@ -88,7 +88,8 @@ def _dtype_ok(x, weight) -> bool:
     if x.dtype == weight.dtype:
         return True
     device = x.device.type
-    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in DTYPES
+    return x.dtype in DTYPES and torch.is_autocast_enabled(device) \
+        and torch.get_autocast_dtype(device) in DTYPES
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -131,6 +132,8 @@ def unfuse_lora(model: nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, _MARK):
             previous = getattr(module, _MARK)
+            if isinstance(previous, tuple):  # (adapter, forward): a model fused by fasttrain 0.x
+                previous = previous[1]       # before the layers followed set_adapter
             del module.forward
             if previous is not None:
                 module.forward = previous

@@ -205,13 +205,14 @@ def _seed(dropout_p, device):
 
 
 def _autocast(*tensors):
-    """Under torch.autocast, the tensors in the autocast dtype (as F.linear would compute)."""
+    """Under torch.autocast, the tensors in the autocast dtype (as F.linear would compute:
+    float64 tensors are not cast)."""
     x = tensors[0]
     if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                 for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):

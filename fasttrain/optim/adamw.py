@@ -38,60 +38,112 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 
-_writes = [0]  # writes into any optimizer's tracked state; they invalidate cached layouts
+class _ParamState(dict):
+    """One param's state. A write of a key the kernels read (a state tensor or the step counter
+    created, replaced or removed) is counted in ``counter``, its optimizer's, so that a step,
+    which reuses the tensors it found before, sees it. Other keys are the user's own."""
 
+    _READ = frozenset(_STATE_KEYS + ("step",))
 
-class _CountWrites:
-    """Mixin for dicts: every mutating method counts a write first."""
+    def __init__(self, entries=(), counter=None):
+        super().__init__(entries)
+        self.counter = counter  # the owning _State's, set when the entry is put there
+
+    def __reduce__(self):  # pickles (and copies) as a plain dict: loadable without fasttrain
+        return dict, (dict(self),)
+
+    def _wrote(self, key=None):
+        if self.counter is not None and (key is None or key in self._READ):
+            self.counter[0] += 1
 
     def __setitem__(self, key, value):
-        _writes[0] += 1
+        self._wrote(key)
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
-        _writes[0] += 1
+        self._wrote(key)
         super().__delitem__(key)
 
     def __ior__(self, other):
-        _writes[0] += 1
+        self._wrote()
         return super().__ior__(other)
 
     def clear(self):
-        _writes[0] += 1
+        self._wrote()
         super().clear()
 
-    def pop(self, *args):
-        _writes[0] += 1
-        return super().pop(*args)
+    def pop(self, key, *default):
+        self._wrote(key)
+        return super().pop(key, *default)
 
     def popitem(self):
-        _writes[0] += 1
+        self._wrote()
         return super().popitem()
 
-    def setdefault(self, *args):
-        _writes[0] += 1
-        return super().setdefault(*args)
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._wrote(key)
+        return super().setdefault(key, default)
 
     def update(self, *args, **kwargs):
-        _writes[0] += 1
+        self._wrote()
         super().update(*args, **kwargs)
 
 
-class _ParamState(_CountWrites, dict):
-    """One param's state; a state tensor created or replaced is a counted write."""
+class _State(defaultdict):
+    """``optimizer.state``, a defaultdict whose entries are _ParamState. Every write to it (a
+    param's state put, replaced, reset or deleted: ``opt.state[p] = {}``, ``clear()``) and every
+    counted write to an entry bumps ``counter``, which the optimizer compares with the value
+    its cached layouts were built at. ``state_dict()`` hands out plain dicts."""
 
+    def __init__(self, *args, **kwargs):  # defaultdict's signature (copy() calls it so)
+        super().__init__(dict)
+        self.counter = [0]
+        self.update(*args[1:], **kwargs)
 
-class _State(_CountWrites, defaultdict):
-    """``optimizer.state`` whose writes (a param's state replaced, reset or deleted, as in
-    ``opt.state[p] = {}`` or ``opt.state.clear()``) are counted, so that a step, which reuses
-    the tensors it found before, sees them. ``state_dict()`` hands out plain dicts."""
+    def __missing__(self, key):
+        value = self[key] = _ParamState()
+        return value
 
-    def __init__(self, entries=()):
-        super().__init__(_ParamState)
-        super().update(entries)
+    def __reduce__(self):  # as a plain defaultdict (the optimizer wraps it again on load)
+        return defaultdict, (dict,), None, None, iter(self.items())
 
-    def __reduce__(self):
-        return type(self), (), None, None, iter(self.items())
+    def __setitem__(self, key, value):
+        self.counter[0] += 1
+        if type(value) is dict:
+            value = _ParamState(value)
+        if isinstance(value, _ParamState) and value.counter is None:
+            value.counter = self.counter
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.counter[0] += 1
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def clear(self):
+        self.counter[0] += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.counter[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.counter[0] += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
 
 
 def _local(t):
@@ -160,7 +212,8 @@ class AdamW(Optimizer):
                                            f"for a parameter on {p.device}: {reason}")
 
     def _reset_caches(self):
-        self.state = _State(self.state)
+        if type(self.state) is not _State:
+            self.state = _State(None, self.state)
         self._tables = {}
         self._layouts = {}  # param group index -> (which params have grads, amsgrad, buckets)
         self._generation = 0  # bumped whenever the layouts are dropped (a state write)
@@ -183,7 +236,8 @@ class AdamW(Optimizer):
 
     def state_dict(self):
         out = super().state_dict()
-        out["state"] = {k: dict(v) for k, v in out["state"].items()}  # loadable without fasttrain
+        out["state"] = {k: dict(v) if isinstance(v, _ParamState) else v  # loadable without
+                        for k, v in out["state"].items()}               # fasttrain
         return out
 
     def load_state_dict(self, state_dict):
@@ -219,8 +273,8 @@ class AdamW(Optimizer):
 
     def _init_state(self, p, amsgrad):
         state = self.state[p]
-        if type(state) is not _ParamState:  # a plain dict put there by the user
-            state = self.state[p] = _ParamState(state)
+        if not isinstance(state, _ParamState) or state.counter is not self.state.counter:
+            state = self.state[p] = _ParamState(state)  # copied in from another state dict
         if len(state) == 0:
             # the step counter lives on the param's device, as in torch's fused/capturable modes:
             # kernels read and increment it without a host sync
@@ -287,8 +341,8 @@ class AdamW(Optimizer):
         grad, amsgrad, a write into the optimizer state, or a grad's dtype or layout changes;
         otherwise a step only collects the grads (a fraction of a microsecond per tensor)."""
         if type(self.state) is not _State:  # the user assigned a new dict
-            self.state = _State(self.state)
-        if self._seen[0] is not self.state or self._seen[1] != _writes[0]:
+            self.state = _State(None, self.state)
+        if self._seen[0] is not self.state or self._seen[1] != self.state.counter[0]:
             self._layouts.clear()
             self._generation += 1
         out = []
@@ -303,7 +357,7 @@ class AdamW(Optimizer):
                     b.take_grads(grads)
                 cached = self._layouts[gi] = (present, group["amsgrad"], buckets)
             out += cached[2]
-        self._seen = (self.state, _writes[0])  # after the rebuilds' own writes
+        self._seen = (self.state, self.state.counter[0])  # after the rebuilds' own writes
         return out
 
     def _group_buckets(self, gi, group):
