@@ -272,6 +272,22 @@ def test_layouts_are_kept_across_steps_without_state_writes(monkeypatch):
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
+def test_params_of_a_group_replaced_between_steps(device, backend):
+    params, others = make_params(device), make_params(device, seed=1)
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params + others]
+    opt = AdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(refs[:len(params)], lr=1e-2)
+    run_steps(opt, params, 2)
+    run_steps(ref, refs[:len(params)], 2)
+    opt.param_groups[0]["params"] = others  # same shapes and grads: only the tensors differ
+    ref.param_groups[0]["params"] = refs[len(params):]
+    run_steps(opt, others, 2, first=2)
+    run_steps(ref, refs[len(params):], 2, first=2)
+    for p, r in zip(params + others, refs):
+        assert_close(p, r, rel=1e-6)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
 def test_amsgrad_switched_mid_run(device, backend):
     params = make_params(device)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]

@@ -20,6 +20,7 @@ Works with ``torch.amp.GradScaler`` through the fused-optimizer protocol (the sc
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import torch
@@ -215,7 +216,7 @@ class AdamW(Optimizer):
         if type(self.state) is not _State:
             self.state = _State(None, self.state)
         self._tables = {}
-        self._layouts = {}  # param group index -> (which params have grads, amsgrad, buckets)
+        self._layouts = {}  # group index -> (group, has grad, amsgrad, params, buckets)
         self._generation = 0  # bumped whenever the layouts are dropped (a state write)
         self._seen = (None, None)  # (state dict, write count) the layouts were built from
 
@@ -338,8 +339,9 @@ class AdamW(Optimizer):
         """Params with grads, grouped by (param group, device, dtypes, backend).
 
         The grouping of each param group is cached: it is rebuilt when the set of params with a
-        grad, amsgrad, a write into the optimizer state, or a grad's dtype or layout changes;
-        otherwise a step only collects the grads (a fraction of a microsecond per tensor)."""
+        grad, a param, amsgrad, a write into the optimizer state, or a grad's dtype or layout
+        changes; otherwise a step only collects the grads (a fraction of a microsecond per
+        tensor)."""
         if type(self.state) is not _State:  # the user assigned a new dict
             self.state = _State(None, self.state)
         if self._seen[0] is not self.state or self._seen[1] != self.state.counter[0]:
@@ -347,16 +349,20 @@ class AdamW(Optimizer):
             self._generation += 1
         out = []
         for gi, group in enumerate(self.param_groups):
-            grads = [p.grad for p in group["params"]]
+            params = group["params"]
+            grads = [p.grad for p in params]
             present = [g is not None for g in grads]
             cached = self._layouts.get(gi)
-            if (cached is None or cached[0] != present or cached[1] != group["amsgrad"]
-                    or not all(b.take_grads(grads) for b in cached[2])):
+            if (cached is None or cached[0] is not group or cached[1] != present
+                    or cached[2] != group["amsgrad"]
+                    or not all(map(operator.is_, params, cached[3]))  # a param replaced
+                    or not all(b.take_grads(grads) for b in cached[4])):
                 buckets = self._group_buckets(gi, group)
                 for b in buckets:
                     b.take_grads(grads)
-                cached = self._layouts[gi] = (present, group["amsgrad"], buckets)
-            out += cached[2]
+                cached = self._layouts[gi] = (group, present, group["amsgrad"], list(params),
+                                              buckets)
+            out += cached[4]
         self._seen = (self.state, self.state.counter[0])  # after the rebuilds' own writes
         return out
 
