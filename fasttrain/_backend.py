@@ -52,11 +52,21 @@ def ext_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def requested(backend: str | None) -> str | None:
+def requested(backend: str | None, offers: tuple[str, ...] = BACKENDS) -> str | None:
+    """The forced backend, or None for the automatic choice. ``offers``: the family's backends
+    (attention and LoRA: triton and torch, with ``cpu`` meaning their CPU backend, the torch
+    reference). An explicit ``backend=`` the family lacks is returned for the family to reject;
+    FASTTRAIN_BACKEND is global, so a backend a family lacks (``cuda`` for attention) leaves
+    that family on its automatic choice."""
+    explicit = backend is not None
     backend = backend or os.environ.get("FASTTRAIN_BACKEND") or None
-    if backend is not None and backend not in BACKENDS:
+    if backend is None:
+        return None
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return backend
+    if backend == "cpu" and "cpu" not in offers:
+        backend = "torch"
+    return backend if explicit or backend in offers else None
 
 
 def log_once(family: str, backend: str, why: str) -> None:

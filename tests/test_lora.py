@@ -264,6 +264,10 @@ def test_backends(monkeypatch):
     assert_close(lora_linear(**t, backend="triton"), ref, rel=1e-5, name="triton backend")
     with pytest.raises(ValueError, match="backends are 'triton' and 'torch'"):
         lora_linear(**t, backend="cuda")
+    for forced in ("cuda", "cpu"):  # global: AdamW's C++ kernels; LoRA runs on regardless
+        monkeypatch.setenv("FASTTRAIN_BACKEND", forced)
+        assert_close(lora_linear(**t), ref, rel=1e-5, name=f"FASTTRAIN_BACKEND={forced}")
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
     monkeypatch.setattr(_backend, "triton_unavailable_reason", lambda device: "no reason here")
     with pytest.raises(RuntimeError, match="no reason here"):
         lora_linear(**t, backend="triton")

@@ -239,6 +239,9 @@ def test_module_and_dense_wrapper_match_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     bshd = [x.transpose(1, 2) for x in (q, k, v)]
     torch.testing.assert_close(dense_attention(*bshd, causal=True).transpose(1, 2), expected)
+    # flash_attn_func's positional order: (q, k, v, dropout_p, softmax_scale, causal)
+    torch.testing.assert_close(dense_attention(*bshd, 0.0, None, True).transpose(1, 2),
+                               expected)
     module = VarlenAttention(causal=True)
     cu_q = cu([20, 20, 20])
     out = module(*(x.reshape(60, 2, 16) for x in bshd), cu_q)
@@ -337,6 +340,8 @@ def test_cpu_tensors_default_to_the_reference(monkeypatch):
     torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, causal=True), out)
     with pytest.raises(ValueError, match="no 'cuda'"):
         varlen_attention(q, k, v, cu_q, cu_k, backend="cuda")
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "cuda")  # global (AdamW's kernel): automatic here
+    torch.testing.assert_close(varlen_attention(q, k, v, cu_q, cu_k, causal=True), out)
     with pytest.raises(RuntimeError, match="Triton kernels take"):
         varlen_attention(q, k, v, cu_q, cu_k, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

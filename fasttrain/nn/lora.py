@@ -18,7 +18,9 @@ class LoRALinear(nn.Module):
     lora_alpha / r) and ``init_lora_weights`` (True: A Kaiming-uniform, B zero, as peft; False:
     both random, for tests). ``lora_A``: (r, in_features), ``lora_B``: (out_features, r), in the
     base weight's dtype and device. ``merge()`` folds the update into the base weight (forward is
-    then the base layer alone); ``unmerge()`` takes it out again.
+    then the base layer alone); ``unmerge()`` takes it out again (exactly in fp32; bf16/fp16
+    weights keep a rounding). A merged module's state_dict holds the merged weight and does not
+    say so (as peft's): load it into a plain nn.Linear, or unmerge before saving.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8.0,
@@ -27,7 +29,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")

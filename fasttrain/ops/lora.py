@@ -180,7 +180,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, n_adapters=No
 
 def _choose_backend(backend, device):
     """'triton' or 'torch'. Forcing triton where it cannot run is an error that says why."""
-    chosen = _backend.requested(backend)
+    chosen = _backend.requested(backend, ("triton", "torch"))  # cpu: the reference
     if chosen is not None:
         if chosen not in ("triton", "torch"):
             raise ValueError(f"lora_linear: backends are 'triton' and 'torch', got {chosen!r}")

@@ -224,9 +224,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout
 
 
 def _choose_backend(q: Tensor, backend: str | None) -> str:
-    choice = _backend.requested(backend)
-    if choice == "cpu":
-        choice = "torch"  # the reference is this family's CPU backend
+    choice = _backend.requested(backend, ("triton", "torch"))  # cpu: the reference
     if choice == "cuda":
         raise ValueError("varlen_attention has no 'cuda' (C++) backend; use 'triton' or 'torch'")
     if choice == "triton" or (choice is None and q.device.type == "cuda"):
@@ -303,11 +301,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     return (out, lse) if return_lse else out
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
-                    softcap: float = 0.0, return_lse: bool = False, *,
-                    backend: str | None = None):
-    """Attention over a batch of equal-length sequences, as ``flash_attn_func``.
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                    return_lse: bool = False, *, backend: str | None = None):
+    """Attention over a batch of equal-length sequences, as ``flash_attn_func`` (same
+    argument order; dropout_p must be 0 and alibi_slopes None, as for varlen_attention).
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
     Returns out (batch, seqlen_q, nheads, headdim) and, with ``return_lse``, lse
@@ -328,8 +328,10 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None
     result = varlen_attention(q.reshape(batch * seqlen_q, nheads, head_dim),
                               k.reshape(batch * seqlen_k, *k.shape[2:]),
                               v.reshape(batch * seqlen_k, *v.shape[2:]), cu(seqlen_q),
-                              cu(seqlen_k), seqlen_q, seqlen_k, softmax_scale=softmax_scale,
-                              causal=causal, window_size=window_size, softcap=softcap,
+                              cu(seqlen_k), seqlen_q, seqlen_k, dropout_p=dropout_p,
+                              softmax_scale=softmax_scale, causal=causal,
+                              window_size=window_size, softcap=softcap,
+                              alibi_slopes=alibi_slopes, deterministic=deterministic,
                               return_lse=return_lse, backend=backend)
     if not return_lse:
         return result.view(q.shape)
