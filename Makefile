@@ -15,4 +15,4 @@ test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache
+	rm -rf .venv build *.egg-info .pytest_cache fasttrain/_C*.so

@@ -14,7 +14,12 @@ ROOT = Path(__file__).parent
 
 kwargs = {}
 if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
-    from torch.utils.cpp_extension import BuildExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError as e:
+        raise SystemExit("FASTTRAIN_BUILD_EXT=1 builds against the installed torch: run "
+                         "pip install --no-build-isolation . (pip's isolated build has no "
+                         "torch)") from e
 
     import importlib.util
 

@@ -46,7 +46,7 @@ def ext_unavailable_reason(device: torch.device) -> str | None:
         return f"no C++ kernels for device type {device.type!r}"
     module, error = _ext.load()
     if module is None:
-        return f"the C++ extension could not be built: {error}"
+        return f"the C++ extension is unavailable: {error}"
     if device.type == "cuda" and not _ext.has_cuda():
         return "the C++ extension was built without CUDA kernels"
     return None

@@ -1,6 +1,6 @@
 """Loads the C++/CUDA extension (the ``cpu`` and ``cuda`` backends).
 
-In order: (1) a prebuilt ``fasttrain._C`` (``FASTTRAIN_BUILD_EXT=1 pip install .``) if it was
+In order: (1) a prebuilt ``fasttrain._C`` (``FASTTRAIN_BUILD_EXT=1 pip install --no-build-isolation .``) if it was
 built against the running torch; (2) a JIT build of csrc/ with torch.utils.cpp_extension and
 ninja into a cache folder (``$FASTTRAIN_CACHE`` or ``~/.cache/fasttrain``, one subfolder per
 torch version and hash of the sources and flags; later processes import the cached module
@@ -24,6 +24,11 @@ from pathlib import Path
 
 from fasttrain import _ext_sources as _sources
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock between processes
+    fcntl = None
+
 _lock = threading.RLock()
 _loaded = False
 _module = None
@@ -34,7 +39,8 @@ _MAX_ERROR_CHARS = 6000
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASTTRAIN_CACHE") or Path.home() / ".cache" / "fasttrain")
+    return Path(os.environ.get("FASTTRAIN_CACHE") or Path.home() / ".cache" / "fasttrain"
+                ).expanduser()
 
 
 def _torch_tag() -> str:
@@ -42,6 +48,17 @@ def _torch_tag() -> str:
 
     version = torch.__version__.replace("+", "_")
     return f"torch{version}_py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _machine_tag() -> str:
+    """What else a build depends on: the CPU's instruction sets (-march=native; a cache on a
+    shared disk may see other CPUs) and the compiler."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return f"{flags}|{os.environ.get('CXX', '')}"
 
 
 def _try_prebuilt():
@@ -60,7 +77,8 @@ def _try_prebuilt():
         # Its ops are registered already; a JIT module would register them a second time.
         raise RuntimeError(
             f"the prebuilt fasttrain._C was built for torch {built}, this is torch "
-            f"{torch.__version__}: rebuild it (FASTTRAIN_BUILD_EXT=1 pip install .) or remove it")
+            f"{torch.__version__}: rebuild it (FASTTRAIN_BUILD_EXT=1 pip install "
+            "--no-build-isolation .), or delete fasttrain/_C*.so for a JIT build on first use")
     return _C, None
 
 
@@ -71,21 +89,38 @@ def _import_from(path: Path, name: str):
     return module
 
 
+def jit_build_dir() -> tuple[str, Path]:
+    """(module name, folder) of this machine's JIT build."""
+    with_cuda = _sources.want_cuda()
+    key = _sources.fingerprint(_sources.csrc_dir(), with_cuda, _machine_tag())
+    return (f"fasttrain_ext_{key}",
+            cache_root() / f"{_torch_tag()}_{'cuda' if with_cuda else 'cpu'}_{key}")
+
+
 def _jit():
     """Import the cached JIT build, building it first if needed. Returns (module, status)."""
     csrc = _sources.csrc_dir()
     with_cuda = _sources.want_cuda()
-    key = _sources.fingerprint(csrc, with_cuda)
-    name = f"fasttrain_ext_{key}"
-    build_dir = cache_root() / f"{_torch_tag()}_{'cuda' if with_cuda else 'cpu'}_{key}"
+    name, build_dir = jit_build_dir()
     library = build_dir / f"{name}.so"
     marker = build_dir / "BUILD_OK"
     if marker.is_file() and library.is_file():
         return _import_from(library, name), f"cached at {build_dir}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "fasttrain.flock", "w") as flock:
+        if fcntl is not None:  # one builder at a time; released by the kernel if it dies
+            fcntl.flock(flock, fcntl.LOCK_EX)
+        if marker.is_file() and library.is_file():  # another process built it meanwhile
+            return _import_from(library, name), f"cached at {build_dir}"
+        # torch's own lock file, left by a build that was killed: only a holder of the flock
+        # builds, so it is stale, and torch would wait on it forever
+        (build_dir / "lock").unlink(missing_ok=True)
+        return _build(name, csrc, with_cuda, build_dir, marker)
 
+
+def _build(name, csrc, with_cuda, build_dir, marker):
     from torch.utils.cpp_extension import load as cpp_load
 
-    build_dir.mkdir(parents=True, exist_ok=True)
     print(f"fasttrain: building the C++{'/CUDA' if with_cuda else ''} extension in {build_dir} "
           "(first use only; this takes about a minute)...", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -129,6 +129,23 @@ def test_unbuildable_extension_warns_once_and_reports_why(tmp_path, monkeypatch)
         assert _ext.load() == (None, error)  # cached: no second build, no second warning
 
 
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    # A killed build leaves torch's lock file, on which torch waits forever; only the builder
+    # holding fasttrain's flock builds, so it clears the stale file. (A fresh cache: ~30 s.)
+    env = dict(os.environ, FASTTRAIN_CACHE=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get(
+                   "PYTHONPATH")] if p]))
+    code = ("from fasttrain import _ext\n"
+            "_, folder = _ext.jit_build_dir()\n"
+            "folder.mkdir(parents=True)\n"
+            "(folder / 'lock').touch()\n"
+            "module, error = _ext.load()\n"
+            "assert module is not None, error\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=tempfile.gettempdir())
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_env_report_runs(ext):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
