@@ -1,7 +1,8 @@
 """Loads the C++/CUDA extension (the ``cpu`` and ``cuda`` backends).
 
-In order: (1) a prebuilt ``fasttrain._C`` (``FASTTRAIN_BUILD_EXT=1 pip install --no-build-isolation .``) if it was
-built against the running torch; (2) a JIT build of csrc/ with torch.utils.cpp_extension and
+In order: (1) a prebuilt ``fasttrain._C``
+(``FASTTRAIN_BUILD_EXT=1 pip install --no-build-isolation .``) if it was built against the
+running torch; (2) a JIT build of csrc/ with torch.utils.cpp_extension and
 ninja into a cache folder (``$FASTTRAIN_CACHE`` or ``~/.cache/fasttrain``, one subfolder per
 torch version and hash of the sources and flags; later processes import the cached module
 directly); (3) if that fails, one warning that includes the compiler's error, and ``None`` so

@@ -254,7 +254,8 @@ def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_deca
         STATE_DTYPE=_tl_dtype(state_dtype),
         LR_IS_PTR=isinstance(lr, torch.Tensor),
         # weight_decay 0: no decay at all, as torch (the L2 form would turn inf params to NaN)
-        DECOUPLED=decoupled or weight_decay == 0, AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_MASTER=has_master, STOCHASTIC=stochastic,
+        DECOUPLED=decoupled or weight_decay == 0, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        HAS_MASTER=has_master, STOCHASTIC=stochastic,
         HAS_INV_SCALE=inv_scale is not None, HAS_FOUND_INF=found_inf is not None,
         HAS_CLIP=clip_coef is not None, ALIGNED=aligned,
         CHUNK=chunk, BLOCK=block, num_warps=num_warps,

@@ -46,9 +46,9 @@ class _ParamState(dict):
 
     _READ = frozenset(_STATE_KEYS + ("step",))
 
-    def __init__(self, entries=(), counter=None):
+    def __init__(self, entries=()):
         super().__init__(entries)
-        self.counter = counter  # the owning _State's, set when the entry is put there
+        self.counter = None  # the owning _State's, set when the entry is put there
 
     def __reduce__(self):  # pickles (and copies) as a plain dict: loadable without fasttrain
         return dict, (dict(self),)
@@ -343,7 +343,7 @@ class AdamW(Optimizer):
         changes; otherwise a step only collects the grads (a fraction of a microsecond per
         tensor)."""
         if type(self.state) is not _State:  # the user assigned a new dict
-            self.state = _State(None, self.state)
+            self._reset_caches()
         if self._seen[0] is not self.state or self._seen[1] != self.state.counter[0]:
             self._layouts.clear()
             self._generation += 1
