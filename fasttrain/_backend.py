@@ -17,6 +17,9 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 logger = logging.getLogger("fasttrain")
 _logged: set = set()
+# Looked up once: torch.compile (torch 2.11) refuses to trace importlib's find_spec, and the
+# dispatch below runs inside compiled graphs.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpret_mode() -> bool:
@@ -25,7 +28,7 @@ def interpret_mode() -> bool:
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None if Triton kernels can run on tensors of ``device``, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return "triton is not installed"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"

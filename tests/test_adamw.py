@@ -466,19 +466,52 @@ def test_stochastic_rounding_is_unbiased(device, backend):
     assert torch.equal(q, torch.ones_like(q))
 
 
+def train_bf16_with_fp32_master(device, steps, lr):
+    """The oracle for the low-precision modes: train_model's MLP in bf16, updated by
+    torch.optim.AdamW on fp32 copies of its params (what master_weights=True means), rounded to
+    bf16 after each step. Forward and backward are the same bf16 ops as the model under test, so
+    the curves differ only by the optimizer (a comparison with fp32 training would also measure
+    torch's bf16 matmuls, which change between torch versions)."""
+    master = []
+
+    def make_opt(model):
+        master.extend(torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters())
+        return torch.optim.AdamW(master, lr=lr)
+
+    class MasterStep:
+        def __init__(self, model):
+            self.params, self.opt = list(model.parameters()), make_opt(model)
+
+        def zero_grad(self):
+            for p in self.params:
+                p.grad = None
+
+        @torch.no_grad()
+        def step(self):
+            for m, p in zip(master, self.params):
+                m.grad = p.grad.float()
+            self.opt.step()
+            for m, p in zip(master, self.params):
+                p.copy_(m)
+
+    return train_model(MasterStep, device, steps, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
-@pytest.mark.parametrize("variant", ["master_weights", "stochastic_rounding", "bf16_states"])
-def test_bf16_training_tracks_fp32(device, backend, variant):
+@pytest.mark.parametrize("variant, tol", [("master_weights", 1e-3), ("stochastic_rounding", 1e-2),
+                                          ("bf16_states", 1e-2)])
+def test_bf16_training_tracks_fp32_master(device, backend, variant, tol):
     kwargs = {"master_weights": dict(master_weights=True),
               "stochastic_rounding": dict(stochastic_rounding=True),
               "bf16_states": dict(master_weights=True, state_dtype=torch.bfloat16)}[variant]
-    _, ref_losses = train_model(lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3), device, 60)
+    _, ref_losses = train_bf16_with_fp32_master(device, 60, lr=3e-3)
     model, losses = train_model(lambda m: AdamW(m.parameters(), lr=3e-3, backend=backend,
                                                 **kwargs), device, 60, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    # same curve within bf16 noise: final loss within 5% and the whole curve within 10%
-    assert abs(losses[-1] - ref_losses[-1]) <= 0.05 * ref_losses[-1]
-    assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) <= 0.10
+    assert ref_losses[-1] < 0.8 * ref_losses[0]  # the oracle itself trains
+    # master weights: the same fp32 update (rounded to bf16 alike); stochastic rounding and bf16
+    # states: the same curve within their rounding noise (measured here: <= 0.2%)
+    assert max(abs(a - b) / b for a, b in zip(losses, ref_losses)) <= tol
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
