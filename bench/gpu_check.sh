@@ -2,7 +2,7 @@
 # What a session with a lent GPU runs (issue 6), in device calls of at most 10 minutes each,
 # three of which fit the 30 minutes of device time with the machine's start (bench/NOTES.md):
 #
-#   DEADLINE=480 STEPS="tests memcheck" bash bench/gpu_check.sh                        # call 1
+#   DEADLINE=480 STEPS="tests memcheck" bash bench/gpu_check.sh    # call 1 (the two side by side)
 #   DEADLINE=540 STEPS=bench SUITES="adamw varlen_attn" bash bench/gpu_check.sh         # call 2
 #   DEADLINE=540 STEPS=bench SUITES="lora e2e" BENCH_ARGS=--quick bash bench/gpu_check.sh
 #   STEPS=tune bash bench/gpu_check.sh            # the config sweep, when a session has time
@@ -42,6 +42,7 @@ run() {
   local why=""
   [ $rc -eq 124 ] && why=" (timed out after $limit s)"
   [ $rc -eq 0 ] || { echo "!!! exit $rc$why: $*"; status=1; }
+  return $rc
 }
 # a build killed mid-way leaves torch's lock file, on which every later load would wait
 drop_locks() { rm -f /tmp/fasttrain-cache/*/lock; }
@@ -55,17 +56,30 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,te
 step "environment and extension build"
 run 300 $PY -m fasttrain.env
 
+# memcheck runs beside the GPU tests (its own process, small sizes; 8 pytest workers leave it
+# CPU cores to compile on). Without torch's caching allocator every tensor is its own
+# allocation, so an access past a tensor's end is one memcheck sees (inside a cached 2 MB
+# segment it is not); FASTTRAIN_AUTOTUNE=0: one LoRA config per shape, nothing timed.
+memcheck_pid=""
+if has memcheck; then
+  step "compute-sanitizer memcheck (tests/memcheck_kernels.py), in the background"
+  (export PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTTRAIN_AUTOTUNE=0
+   run 390 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+     $PY tests/memcheck_kernels.py) > "$OUT/memcheck.log" 2>&1 &
+  memcheck_pid=$!
+fi
+
 if has tests; then
   step "GPU tests"
   xdist=()
   $PY -c "import xdist, pytest_timeout" 2>/dev/null && xdist=(-n 8 --timeout 300)
-  run 330 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs
+  run 390 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs
 fi
 
-if has memcheck; then
-  step "compute-sanitizer memcheck (tests/memcheck_kernels.py)"
-  run 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
-    $PY tests/memcheck_kernels.py
+if [ -n "$memcheck_pid" ]; then
+  wait "$memcheck_pid" || status=1
+  step "memcheck output"
+  cat "$OUT/memcheck.log"
 fi
 
 if has bench; then
@@ -83,7 +97,10 @@ drop_locks
 dirs=()
 for d in /tmp/fasttrain-cache /tmp/triton-cache; do [ -d "$d" ] && dirs+=("${d#/}"); done
 if [ ${#dirs[@]} -gt 0 ]; then
-  tar czf "$OUT/devcache.tgz" -C / "${dirs[@]}"
+  # Triton reloads a kernel from its cubin and metadata (.json, __grp__*.json); its IR files
+  # (ptx, ttir, ttgir, llir, source) would more than double the archive
+  tar czf "$OUT/devcache.tgz" -C / --exclude='*.ptx' --exclude='*.ttir' --exclude='*.ttgir' \
+    --exclude='*.llir' --exclude='*.source' "${dirs[@]}"
   if [ "$(stat -c %s "$OUT/devcache.tgz")" -gt 15000000 ]; then  # over the 16 MiB a file
     echo "Triton's cache is too big to carry; packing the extension alone"
     tar czf "$OUT/devcache.tgz" -C / tmp/fasttrain-cache 2>/dev/null || rm -f "$OUT/devcache.tgz"
