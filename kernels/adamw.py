@@ -107,10 +107,13 @@ def _adamw_block(offs, mask, param, grad, exp_avg, exp_avg_sq, vmax_ptr, master,
     if AMSGRAD:
         vmax = tl.maximum(_load_f32(vmax_ptr + offs, mask), v)
         _store_rounded(vmax_ptr + offs, vmax, mask, None, STATE_DTYPE)
-        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-    p = p - step_size * (m / denom)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    # IEEE-rounded sqrt and division, as torch's kernels compute them (Triton's / and tl.sqrt
+    # on fp32 are the approximate PTX instructions, up to 2 ulp off); free in a kernel bound by
+    # memory bandwidth
+    p = p - step_size * tl.div_rn(m, denom)
 
     _store_rounded(exp_avg + offs, m, mask, None, STATE_DTYPE)
     _store_rounded(exp_avg_sq + offs, v, mask, None, STATE_DTYPE)

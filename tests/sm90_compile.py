@@ -98,6 +98,9 @@ def check_adamw_kernel(dtypes, flags):
     sig = dict(ADAMW_SIG, lr="*fp32") if consts["LR_IS_PTR"] else ADAMW_SIG
     out = compile_sm90(adamw._adamw_kernel, sig, consts, num_warps)
     ptx = out.asm["ptx"]
+    # the update's sqrt and divisions IEEE-rounded, as in torch (not the approximate forms)
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+    assert not re.search(r"div\.(full|approx)\.f32|sqrt\.approx", ptx)
     if consts["ALIGNED"] and dtypes == (tl.float32,) * 3:
         # p, g, m, v: 16-byte vector loads and p, m, v: vector stores in the unmasked body
         assert len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)) >= 4
