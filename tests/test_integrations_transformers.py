@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from fasttrain.integrations.transformers import register  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
+from conftest import devices  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=256, attention_dropout=0.0)
@@ -110,10 +111,13 @@ def test_triton_kernels_in_a_model():
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_error_within_twice_the_sdpa_bf16_error():
+@pytest.mark.parametrize("device", devices())
+def test_bf16_error_within_twice_the_sdpa_bf16_error(device):
+    # the Triton kernels (forced: "fasttrain" alone takes the fp32 reference for CPU tensors)
     ref32, _ = models("llama")
-    ref16, fast16 = models("llama", dtype=torch.bfloat16)
-    ids, mask = padded_batch()
+    ref16, fast16 = models("llama", name="fasttrain-triton", dtype=torch.bfloat16)
+    ref32, ref16, fast16 = (m.to(device) for m in (ref32, ref16, fast16))
+    ids, mask = (t.to(device) for t in padded_batch())
     real = mask.bool()
     with torch.no_grad():
         truth = ref32(ids, attention_mask=mask).logits[real].double()

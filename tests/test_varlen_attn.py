@@ -6,6 +6,9 @@ the inputs' dtype, plus a small floor relative to the reference's magnitude. On 
 kernels run under the Triton interpreter at small sizes; ``-m gpu`` runs the same bodies at
 real sizes on CUDA.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -129,19 +132,52 @@ def test_fp32_softcap_much_larger_than_the_scores(device, softcap):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("head_dim", [32, 40, 96, 128, 256])
-def test_head_dims(device, head_dim):
+@pytest.mark.parametrize("head_dim, dtype", [
+    *((d, torch.float16) for d in (32, 40, 96, 128, 256)),
+    *((d, dt) for d in (40, 96, 256) for dt in (torch.bfloat16, torch.float32))])
+def test_head_dims(device, head_dim, dtype):
     lens = sizes(device, [3, 67, 20], [300, 1031, 7])
-    check_against_reference(*make(lens, lens, 2, 1, head_dim, torch.float16, device),
-                            causal=True)
+    check_against_reference(*make(lens, lens, 2, 1, head_dim, dtype, device), causal=True)
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("ratio", [1, 4, 8])
-def test_gqa(device, ratio):
+@pytest.mark.parametrize("ratio, dtype", [(1, torch.float16), (4, torch.float16),
+                                          (8, torch.float16), (4, torch.bfloat16),
+                                          (4, torch.float32)])
+def test_gqa(device, ratio, dtype):
     lens = sizes(device, [40, 9, 66], [1000, 33, 2000])
-    check_against_reference(*make(lens, lens, 8, 8 // ratio, 64, torch.float16, device),
+    check_against_reference(*make(lens, lens, 8, 8 // ratio, 64, dtype, device),
                             causal=True, window_size=(50, -1))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("layout", ["qkv-heads", "kv-last-dim"])
+def test_strided_views_of_a_projection(device, layout):
+    """q, k, v as models pass them: views of one projection's output, not contiguous (row
+    strides larger than heads x head dim; in kv-last-dim also head strides of 2 x head dim)."""
+    lens = sizes(device, [5, 70, 1, 33], [1, 1000, 2049, 7])
+    heads, heads_k, d = sizes(device, (4, 2, 32), (32, 8, 128))
+    gen = torch.Generator().manual_seed(0)
+    total = sum(lens)
+    if layout == "qkv-heads":  # (T, Hq + 2 Hk, D) split along heads
+        qkv = torch.randn(total, heads + 2 * heads_k, d, generator=gen)
+        q, k, v = qkv.to(device, torch.bfloat16).split([heads, heads_k, heads_k], dim=1)
+    else:  # k and v interleaved along the last dim: (T, Hk, 2D); q likewise, (T, Hq, 2D)
+        q = torch.randn(total, heads, 2 * d, generator=gen).to(device, torch.bfloat16)[..., :d]
+        kv = torch.randn(total, heads_k, 2 * d, generator=gen).to(device, torch.bfloat16)
+        k, v = kv[..., :d], kv[..., d:]
+    assert not any(x.is_contiguous() for x in (q, k, v))
+    check_against_reference(q, k, v, cu(lens, device), cu(lens, device), causal=True)
+    # a strided gradient of the output gives the gradients of its contiguous copy
+    dout = torch.randn(total, heads, 2 * d, generator=gen).to(device, torch.bfloat16)[..., :d]
+    grads = []
+    for g in (dout, dout.contiguous()):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = varlen_attention(*leaves, cu(lens, device), cu(lens, device), causal=True,
+                               backend="triton")
+        grads.append(torch.autograd.grad(out, leaves, g))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -187,8 +223,10 @@ def test_lse_alone_and_out_alone_are_differentiable():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_tile_maps_are_rebuilt_when_cu_seqlens_change_in_place():
-    q, k, v, cu_q, _ = make([30, 50], [30, 50], 2, 2, 16, torch.float32, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_tile_maps_are_rebuilt_when_cu_seqlens_change_in_place(device):
+    # (CUDA caches the maps per cu_seqlens tensor and version; CPU builds them every call)
+    q, k, v, cu_q, _ = make([30, 50], [30, 50], 2, 2, 16, torch.float32, device)
     for lens in ([30, 50], [70, 10]):
         cu_q.copy_(cu(lens))  # same tensor, new contents (the map cache keys on the version)
         out = varlen_attention(q, k, v, cu_q, cu_q, causal=True, backend="triton")
@@ -196,8 +234,12 @@ def test_tile_maps_are_rebuilt_when_cu_seqlens_change_in_place():
         torch.testing.assert_close(out, expected)
 
 
-def test_backward_is_deterministic():
-    q, k, v, cu_q, cu_k = make([50, 90], [50, 90], 4, 1, 32, torch.float16, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_backward_is_deterministic(device):
+    # (the interpreter runs programs one after another: only the GPU run can catch a race)
+    q, k, v, cu_q, cu_k = make(*[sizes(device, [50, 90], [700, 3001, 64])] * 2,
+                               *sizes(device, (4, 1), (32, 4)), sizes(device, 32, 128),
+                               torch.float16, device)
     runs = []
     for _ in range(2):
         q_, k_, v_ = (x.clone().requires_grad_() for x in (q, k, v))
@@ -375,6 +417,8 @@ def _bad_inputs():
     yield "scale nan", dict(softmax_scale=float("nan")), ValueError, "finite"
     yield "dropout", dict(dropout_p=0.1), NotImplementedError, "dropout"
     yield "not a tensor", dict(q=[1.0]), TypeError, "torch.Tensor"
+    yield "kv device", dict(v=v.to("meta")), ValueError, "one device"
+    yield "cu device", dict(cu_seqlens_k=cu_k.to("meta")), ValueError, "q's device"
 
 
 @pytest.mark.parametrize("name,change,error,match", list(_bad_inputs()),
@@ -426,3 +470,34 @@ def test_cu_seqlens_values_are_checked_again_after_an_in_place_change():
     cu_q[2] = 5
     with pytest.raises(ValueError, match="non-decreasing"):
         varlen_attention(q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("change", ["fresh", "in_place"])
+def test_bad_cu_seqlens_on_cuda_is_a_device_side_assert(change):
+    """On CUDA the values are checked without a host sync, by a device-side assert (which ends
+    the process's CUDA context: run in a subprocess). "in_place": a tensor checked once and then
+    changed in place is checked again."""
+    code = f"""
+import torch
+from fasttrain.ops import varlen_attention
+q = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16)
+cu = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+if "{change}" == "in_place":
+    varlen_attention(q, q, q, cu, cu, causal=True)
+    torch.cuda.synchronize()
+    print("first call ok", flush=True)
+    cu[1] = 9
+else:
+    cu = torch.tensor([0, 9, 8], dtype=torch.int32, device="cuda")
+varlen_attention(q, q, q, cu, cu, causal=True)
+torch.cuda.synchronize()
+print("no assert")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "no assert" not in result.stdout, result.stdout
+    assert "non-decreasing" in result.stderr or "device-side assert" in result.stderr, \
+        result.stderr[-2000:]
+    if change == "in_place":
+        assert "first call ok" in result.stdout
