@@ -450,6 +450,7 @@ def test_grad_scaler_unscales_and_skips_inf(device, backend, init_scale):
 # (param dtype, extras): the low-precision modes, each checked element by element against the
 # torch reference backend (which computes in fp32 and rounds to nearest, as the kernels do)
 LOW_PRECISION = {
+    "bf16": (torch.bfloat16, dict()),  # bf16 states too (the param dtype), round to nearest
     "bf16_master": (torch.bfloat16, dict(master_weights=True)),
     "bf16_master_bf16_states": (torch.bfloat16, dict(master_weights=True,
                                                      state_dtype=torch.bfloat16)),
@@ -492,7 +493,8 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
     kwargs = dict(lr=1e-2, weight_decay=0.1, **extras)
     params = make_params(device, dtype)
     opt = AdamW(params, backend=backend, **kwargs)
-    bf16_states = extras.get("state_dtype") == torch.bfloat16
+    state_dtype = extras.get("state_dtype") or (torch.float32 if extras else dtype)
+    bf16_states = state_dtype == torch.bfloat16
     for step in range(6):
         states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
         grads = random_grads(params, step)
@@ -504,7 +506,7 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
             state, ref_state = opt.state[p], ref.state[r]
             assert p.dtype == dtype
             for key in ("exp_avg", "exp_avg_sq"):
-                assert state[key].dtype == (torch.bfloat16 if bf16_states else torch.float32)
+                assert state[key].dtype == state_dtype
                 if bf16_states:  # the same fp32 value rounded to bf16 (an fma may move it by one)
                     assert within_one_ulp(state[key], ref_state[key]), (step, i, key)
                 else:
@@ -514,6 +516,8 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
                 assert_close(state["master_param"], ref_state["master_param"], rel=1e-6,
                              name=name)
                 assert torch.equal(p, state["master_param"].to(dtype))  # p is its rounding
+            elif dtype == torch.bfloat16:
+                assert within_one_ulp(p, r), (step, i)
             else:
                 assert_close(p, r, rel=1e-6, name=name)
 
