@@ -46,18 +46,25 @@ def compile_sm90(fn, signature, constexprs, num_warps=8, num_stages=3, attrs=ALI
     return out
 
 
-def resources(fn, constexprs, num_warps, num_stages, out) -> str:
-    """One line: the build's registers, stack bytes, shared memory and dot instructions."""
+def cuobjdump(out, flag: str) -> str | None:
+    """``cuobjdump <flag>`` of the build's cubin (Triton's own copy of the tool, else the one
+    on PATH); None without one."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if not tool:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(out.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def resources(fn, constexprs, num_warps, num_stages, out) -> str:
+    """One line: the build's registers, stack bytes, shared memory and dot instructions."""
+    text = cuobjdump(out, "--dump-resource-usage")
     usage = "cuobjdump not found"
-    if tool:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(out.asm["cubin"])
-            f.flush()
-            text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                                  text=True).stdout
+    if text is not None:
         m = re.search(r"REG:(\d+) STACK:(\d+)", text)
         usage = f"regs {m.group(1):>3} stack {m.group(2):>5} B" if m else "no usage found"
     ptx = out.asm["ptx"]
@@ -154,6 +161,11 @@ def check_varlen_attn_kernels(dtype, head_dim, **flags):
         if dtype != "fp32" and head_dim <= 128:  # Hopper's tensor-core path for every dot
             ptx = out.asm["ptx"]
             assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (kind, dtype, head_dim)
+            # the main loop prefetches: it waits with loads of later iterations still in
+            # flight (a wait for 0 outstanding groups everywhere: no overlap of loads and dots)
+            sass = cuobjdump(out, "-sass")
+            if sass is not None:
+                assert re.search(r"DEPBAR\.LE SB0, 0x[1-9]", sass), (kind, dtype, head_dim)
     kernel = varlen_attn._varlen_attn_bwd_preprocess_kernel
     sig, attrs = _varlen_sig(kernel, dtype)
     compile_sm90(kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_T=128, BLOCK_D=consts["BLOCK_D"],
