@@ -23,7 +23,8 @@ if os.environ.get("FASTTRAIN_BUILD_EXT") == "1":
 
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_ext_sources", ROOT / "fasttrain" / "_ext_sources.py")
+    spec = importlib.util.spec_from_file_location("_ext_sources",
+                                                  ROOT / "fasttrain" / "_ext_sources.py")
     sources = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sources)
     kwargs = dict(ext_modules=[sources.extension(ROOT)], cmdclass={"build_ext": BuildExtension})
@@ -33,6 +34,7 @@ setup(
               "fasttrain.integrations", "fasttrain.kernels",
               "fasttrain.csrc", "fasttrain.csrc.adamw"],
     package_dir={"fasttrain.kernels": "kernels", "fasttrain.csrc": "csrc"},
-    package_data={"fasttrain.csrc": ["*.cpp", "*.h"], "fasttrain.csrc.adamw": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"fasttrain.csrc": ["*.cpp", "*.h"],
+                  "fasttrain.csrc.adamw": ["*.cpp", "*.cu", "*.h"]},
     **kwargs,
 )

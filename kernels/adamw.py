@@ -281,7 +281,8 @@ def _hi_lo(x):
 
 
 def _tl_dtype(dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16}[dtype]
 
 
 def build_table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, chunk):

@@ -29,7 +29,8 @@ def backend_cases(devs=None):
     for dev in devs or devices():
         name = dev if isinstance(dev, str) else dev.values[0]
         marks = () if isinstance(dev, str) else dev.marks
-        cases += [pytest.param(name, be, marks=marks, id=f"{name}-{be}") for be in backends_for(name)]
+        cases += [pytest.param(name, be, marks=marks, id=f"{name}-{be}")
+                  for be in backends_for(name)]
     return cases
 
 
@@ -707,7 +708,8 @@ def test_validation_errors():
     AdamW([p], foreach=True, fused=False, capturable=False)
 
 
-@pytest.mark.skipif(_backend.interpret_mode(), reason="checks the automatic choice without the interpreter")
+@pytest.mark.skipif(_backend.interpret_mode(),
+                    reason="checks the automatic choice without the interpreter")
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         AdamW([torch.nn.Parameter(torch.randn(3))], backend="triton")

@@ -150,7 +150,8 @@ def _cut_example(example, limit: int, i: int):
 def _cut_packed(batch: dict, limit: int) -> dict:
     ids = batch["input_ids"]
     if ids.shape[0] != 1:
-        raise ValueError(f"a packed batch has input_ids of shape (1, total), got {tuple(ids.shape)}")
+        raise ValueError(
+            f"a packed batch has input_ids of shape (1, total), got {tuple(ids.shape)}")
     if "position_ids" not in batch:
         raise ValueError("a packed batch needs 'position_ids' (restarting at 0 per sequence) to "
                          "be cut")

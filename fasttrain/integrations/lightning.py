@@ -33,7 +33,8 @@ from fasttrain.optim import AdamW
 
 
 def fasttrain_optimizers(trainer) -> list:
-    """The fasttrain optimizers (``fasttrain.optim.AdamW``/``Adam``) among ``trainer.optimizers``."""
+    """The fasttrain optimizers (``fasttrain.optim.AdamW``/``Adam``) among
+    ``trainer.optimizers``."""
     return [opt for opt in trainer.optimizers if isinstance(opt, AdamW)]
 
 

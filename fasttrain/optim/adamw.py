@@ -183,7 +183,8 @@ class AdamW(Optimizer):
             raise ValueError("fasttrain AdamW does not support differentiable=True; "
                              "use torch.optim.AdamW for differentiable optimization")
         if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
+            raise ValueError(
+                f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, "
                              f"got {state_dtype}")
