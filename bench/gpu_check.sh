@@ -73,7 +73,12 @@ if has tests; then
   step "GPU tests"
   xdist=()
   $PY -c "import xdist, pytest_timeout" 2>/dev/null && xdist=(-n 8 --timeout 300)
-  run 390 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs
+  # stop between tests 30 s before the cap, so that pytest still prints which tests failed
+  # and why (killed by the cap it would print nothing)
+  cap=$((DEADLINE - SECONDS - 30)); [ "$cap" -gt 390 ] && cap=390
+  $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && \
+    xdist+=(--session-timeout $((cap > 60 ? cap - 30 : 30)))
+  run 390 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs --durations=15
 fi
 
 if [ -n "$memcheck_pid" ]; then
