@@ -31,13 +31,15 @@ status=0
 step() { echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 # run LIMIT CMD...: CMD for at most LIMIT seconds, and never past the deadline less 30 s (kept
-# for packing); a failure or a timeout marks the run failed
+# for packing); a failure or a timeout marks the run failed (and returns non-zero, for a run in
+# a background subshell). At the limit CMD gets SIGINT: pytest then still prints its summary
+# (which tests failed, and why) before it exits; 10 s later, SIGKILL.
 run() {
   local limit=$1; shift
   local left=$((DEADLINE - SECONDS - 30))
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -le 0 ]; then echo "!!! no time left for: $*"; status=1; return; fi
-  timeout --kill-after=10 "$limit" "$@"
+  if [ "$limit" -le 0 ]; then echo "!!! no time left for: $*"; status=1; return 1; fi
+  timeout -s INT --kill-after=10 "$limit" "$@"
   local rc=$?
   local why=""
   [ $rc -eq 124 ] && why=" (timed out after $limit s)"
@@ -59,11 +61,11 @@ run 300 $PY -m fasttrain.env
 # memcheck runs beside the GPU tests (its own process, small sizes; 8 pytest workers leave it
 # CPU cores to compile on). Without torch's caching allocator every tensor is its own
 # allocation, so an access past a tensor's end is one memcheck sees (inside a cached 2 MB
-# segment it is not); FASTTRAIN_AUTOTUNE=0: one LoRA config per shape, nothing timed.
+# segment it is not). It launches each LoRA config in turn, nothing timed.
 memcheck_pid=""
 if has memcheck; then
   step "compute-sanitizer memcheck (tests/memcheck_kernels.py), in the background"
-  (export PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTTRAIN_AUTOTUNE=0
+  (export PYTORCH_NO_CUDA_MEMORY_CACHING=1
    run 390 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
      $PY tests/memcheck_kernels.py) > "$OUT/memcheck.log" 2>&1 &
   memcheck_pid=$!
@@ -73,11 +75,6 @@ if has tests; then
   step "GPU tests"
   xdist=()
   $PY -c "import xdist, pytest_timeout" 2>/dev/null && xdist=(-n 8 --timeout 300)
-  # stop between tests 30 s before the cap, so that pytest still prints which tests failed
-  # and why (killed by the cap it would print nothing)
-  cap=$((DEADLINE - SECONDS - 30)); [ "$cap" -gt 390 ] && cap=390
-  $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout && \
-    xdist+=(--session-timeout $((cap > 60 ? cap - 30 : 30)))
   run 390 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs --durations=15
 fi
 

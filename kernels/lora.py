@@ -250,12 +250,8 @@ _TUNED = {}
 
 
 def _tuned(kind, dtype):
-    """The autotuned kernel of ``kind``. FASTTRAIN_AUTOTUNE=0 takes the first config without
-    timing any (one compile per shape instead of one per config: for compute-sanitizer runs,
-    and for jobs that would rather start fast than run the best tile)."""
     interpret = _interpret()
-    first_only = os.environ.get("FASTTRAIN_AUTOTUNE") == "0"
-    key = (kind, interpret, dtype == torch.float32, first_only)
+    key = (kind, interpret, dtype == torch.float32)
     if key not in _TUNED:
         fn = {"gemm": _lora_gemm_kernel, "thin": _lora_thin_kernel}[kind]
         # M_BUCKET, not M: packed batches change M every step, and each new key value would
@@ -264,8 +260,8 @@ def _tuned(kind, dtype):
         keys = ["M_BUCKET", "N", "K", "R", "DROPOUT"] if kind == "gemm" else [
             "M_BUCKET", "K", "R", "DROPOUT"]
         prune = {"early_config_prune": _fitting_configs} if kind == "gemm" else None
-        candidates = configs(kind, interpret, dtype)[:1 if first_only else None]
-        _TUNED[key] = triton.autotune(configs=candidates, key=keys, prune_configs_by=prune)(fn)
+        _TUNED[key] = triton.autotune(configs=configs(kind, interpret, dtype), key=keys,
+                                      prune_configs_by=prune)(fn)
     return _TUNED[key]
 
 

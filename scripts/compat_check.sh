@@ -29,8 +29,10 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
 # the toolkit next to the real nvcc (/usr/local/bin/nvcc may be a wrapper outside it)
-nvcc_path=$(command -v nvcc)
-for home in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"
+nvcc_path=$(command -v nvcc || true)
+nvcc_home=""
+[ -n "$nvcc_path" ] && nvcc_home=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
+for home in "${CUDA_HOME:-}" /usr/local/cuda "$nvcc_home"
 do
   if [ -n "$home" ] && [ -f "$home/include/cuda_runtime.h" ]; then export CUDA_HOME=$home; break; fi
 done

@@ -467,12 +467,20 @@ def low_precision_cases():
             and not (case.values[1] == "cpu" and LOW_PRECISION[variant][0] == torch.float16)]
 
 
-def within_one_ulp(actual, expected):
-    """Every element of ``actual`` at most one unit in the last place (of its dtype) from
-    ``expected``: rounding the same fp32 value two ways, never more."""
-    ulp = torch.finfo(actual.dtype).eps * expected.float().abs().clamp_min(
-        torch.finfo(actual.dtype).tiny)
-    return bool(((actual.float() - expected.float()).abs() <= ulp).all())
+def assert_rounded_alike(pairs, what):
+    """(actual, expected) low-precision tensors rounded to nearest from nearly the same fp32
+    values (an fma may move one by an fp32 ulp): every element at most one unit in the last
+    place of its dtype apart, and at most 1% of them apart at all (measured: 0-1 of ~5000;
+    a store that truncates instead of rounding moves a third of them)."""
+    differ = total = 0
+    for actual, expected in pairs:
+        ulp = torch.finfo(actual.dtype).eps * expected.float().abs().clamp_min(
+            torch.finfo(actual.dtype).tiny)
+        diff = (actual.float() - expected.float()).abs()
+        assert bool((diff <= ulp).all()), f"{what}: more than one ulp apart"
+        differ += int((diff > 0).sum())
+        total += diff.numel()
+    assert differ <= 0.01 * total, f"{what}: {differ} of {total} elements rounded differently"
 
 
 def reference_step(params, states, grads, **kwargs):
@@ -503,13 +511,14 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
+        rounded = []  # (ours, reference) pairs rounded to bf16 from fp32
         for i, (p, r) in enumerate(zip(params, ref_params)):
             state, ref_state = opt.state[p], ref.state[r]
             assert p.dtype == dtype
             for key in ("exp_avg", "exp_avg_sq"):
                 assert state[key].dtype == state_dtype
-                if bf16_states:  # the same fp32 value rounded to bf16 (an fma may move it by one)
-                    assert within_one_ulp(state[key], ref_state[key]), (step, i, key)
+                if bf16_states:
+                    rounded.append((state[key], ref_state[key]))
                 else:
                     assert_close(state[key], ref_state[key], rel=1e-6, name=f"{step} {i} {key}")
             name = f"step {step} param {i}"
@@ -518,9 +527,10 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
                              name=name)
                 assert torch.equal(p, state["master_param"].to(dtype))  # p is its rounding
             elif dtype == torch.bfloat16:
-                assert within_one_ulp(p, r), (step, i)
+                rounded.append((p, r))
             else:
                 assert_close(p, r, rel=1e-6, name=name)
+        assert_rounded_alike(rounded, f"step {step}")
 
 
 def sr_backend_cases():
@@ -555,14 +565,16 @@ def test_stochastic_rounding_picks_a_neighbour_of_the_fp32_update(device, backen
                      for st, b in zip(states, before)], [p.grad for p in params],
             lr=1e-2, weight_decay=0.1, master_weights=True, state_dtype=torch.bfloat16)
         rounded_up = 0
+        rounded = []  # the bf16 states: rounded to nearest, as the reference's
         for i, (p, r) in enumerate(zip(params, ref_params)):
             x = ref.state[r]["master_param"]
             lo, hi = bf16_neighbours(x)
             assert bool(((p.float() == lo) | (p.float() == hi)).all()), (step, i)
             rounded_up += int(((p.float() == hi) & (hi != lo)).sum())
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert within_one_ulp(opt.state[p][key], ref.state[r][key]), (step, i, key)
+            rounded.extend((opt.state[p][key], ref.state[r][key])
+                           for key in ("exp_avg", "exp_avg_sq"))
         assert rounded_up > 0  # not plain truncation
+        assert_rounded_alike(rounded, f"step {step}")
 
 
 @pytest.mark.parametrize("device, backend", sr_backend_cases())

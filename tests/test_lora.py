@@ -555,15 +555,3 @@ def test_gemm_autotuning_separates_and_prunes_the_dropout_variant():
     assert kernels._fitting_configs(gemm, {}, DROPOUT=False) == gemm
     assert "DROPOUT" in kernels._tuned("gemm", torch.bfloat16).keys
 
-
-@pytest.mark.parametrize("kind", ["gemm", "thin"])
-def test_autotune_off_takes_the_first_config(monkeypatch, kind):
-    """FASTTRAIN_AUTOTUNE=0 (compute-sanitizer runs): one config, so nothing is timed, and its
-    kernel is cached apart from the autotuned one."""
-    monkeypatch.setattr(kernels, "_interpret", lambda: False)  # the GPU's list of configs
-    tuned = kernels._tuned(kind, torch.bfloat16)
-    monkeypatch.setenv("FASTTRAIN_AUTOTUNE", "0")
-    first = kernels._tuned(kind, torch.bfloat16)
-    assert len(tuned.configs) > 1
-    assert [str(c) for c in first.configs] == [str(kernels.configs(kind, False,
-                                                                   torch.bfloat16)[0])]
