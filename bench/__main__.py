@@ -1,6 +1,7 @@
 """Run fasttrain's benchmark suites; print tables and write JSON results (bench/README.md).
 
-Also reads results: --compare OLD NEW, --plot FILE..., --report FILE..., --readme.
+Also reads results: --compare OLD NEW, --plot FILE..., --report FILE..., --verdict FILE...,
+--readme.
 """
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_const", dest="sizes", const="quick",
                         help="a smaller set of workloads and providers "
                         "(a minute or two on a 2-core CPU)")
+    parser.add_argument("--targets", action="store_const", dest="sizes", const="targets",
+                        help="only the workloads of DESIGN.md's targets (the GPU session's "
+                        "first run; bench/targets.py judges them)")
     # test-only: tiny workloads, every provider
-    parser.add_argument("--sizes", choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", choices=("full", "quick", "targets", "tiny"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         help="a run: folder for the JSON results (default: bench/results); "
                         "--plot: folder for the PNGs (default: next to each JSON); "
@@ -36,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="PNG plots of results files (or folders of them)")
     action.add_argument("--report", nargs="+", metavar="FILE",
                         help="a markdown report of results files (or folders of them)")
+    action.add_argument("--verdict", nargs="+", metavar="FILE",
+                        help="DESIGN.md's targets judged from results files (or folders)")
     action.add_argument("--readme", action="store_true",
                         help="regenerate README.md's results section from bench/results")
     parser.add_argument("--threshold", type=float, default=0.05,
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     device = torch.device(args.device)
     env = common.environment(device, argv)
-    reps = 100 if device.type == "cuda" else (20 if args.sizes == "full" else 10)
+    reps = 100 if device.type == "cuda" else (20 if args.sizes in ("full", "targets") else 10)
     probe = common.BandwidthProbe(device, 1 << (22 if args.sizes == "tiny" else 26))
     print(f"{env['device_name']} ({env['threads']} threads), torch {env['torch']}, "
           f"git {env['git_sha'][:12]}; bandwidth probe: {probe.kind}, "
@@ -96,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from bench import report
         return report.main(args.report, args.out)
+    if args.verdict:
+        from bench import targets
+        return targets.main(args.verdict)
     if args.readme:
         from bench import readme
         return readme.main(check=args.check)

@@ -38,6 +38,7 @@ def mixed_sizes(total: int, count: int, seed: int = SEED) -> list[int]:
 WORKLOADS = {
     "50M/200": lambda: mixed_sizes(50_000_000, 200),
     "5000x4K": lambda: [4096] * 5000,
+    "5000x16": lambda: [16] * 5000,  # the time per tensor (CPU target: < 1 us)
     "1B/300": lambda: mixed_sizes(1_000_000_000, 300),
     "200K/20": lambda: mixed_sizes(200_000, 20),  # tiny (tests)
     "50x4K": lambda: [4096] * 50,  # tiny (tests)
@@ -102,7 +103,7 @@ def variants(ctx: Context) -> list[Variant]:
     fp32 = {BASELINE: _torch_adamw(fused=True),
             **{f"fasttrain-{b}": _fasttrain(b) for b in backends},
             "torch-foreach": _torch_adamw(foreach=True)}
-    if ctx.sizes != "quick":
+    if ctx.sizes in ("full", "tiny"):
         # the for-loop path is torch's default on CPU only (foreach on CUDA)
         fp32 |= ({} if ctx.cuda else {"torch-forloop": _torch_adamw(foreach=False)}) | PEERS
     out = [Variant("step", torch.float32, fp32), Variant("clip+step", torch.float32, fp32)]
@@ -120,9 +121,11 @@ def variants(ctx: Context) -> list[Variant]:
 def workloads(ctx: Context) -> list[str]:
     if ctx.sizes == "tiny":
         return ["200K/20", "50x4K"]
+    if ctx.sizes == "targets":  # DESIGN's target workloads (on the CPU: 50M in 200 tensors)
+        return ["1B/300", "5000x4K"] if ctx.cuda else ["50M/200", "5000x16"]
     if ctx.cuda and ctx.sizes == "full":  # DESIGN's targets first (a run may be cut off)
         return ["1B/300", "5000x4K", "50M/200"]
-    return ["50M/200", "5000x4K"]
+    return ["50M/200", "5000x4K"] + (["5000x16"] if ctx.sizes == "full" else [])
 
 
 def bytes_moved(params: list, opt: torch.optim.Optimizer, clip: bool) -> int:

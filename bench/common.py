@@ -78,7 +78,7 @@ class Context:
     """What a suite's ``run(ctx)`` gets: where to run, how big, how often."""
 
     device: torch.device
-    sizes: str  # "full", "quick" or "tiny" (test-only)
+    sizes: str  # "full", "quick", "targets" (DESIGN.md's workloads) or "tiny" (test-only)
     reps: int  # timed repetitions per provider (>= 10)
     warmup: int  # untimed rounds over all providers before timing
     probe: BandwidthProbe
@@ -282,13 +282,17 @@ def print_table(rows: list[dict]) -> None:
         elif "probe_gbps" in block[0]:
             probe = f"  (bandwidth probe {block[0]['probe_gbps']:.1f} GB/s)"
         print(f"\n{' / '.join(key)}{probe}")
+        errs = any(r.get("rel_err") for r in block)
         print(f"{'provider':32} {'p50 ms':>9} {'p20-p80 ms':>17} {'speedup':>7}  "
-              f"{'rate':32} timing")
+              f"{'rate':32} {'max rel err  ' if errs else ''}timing")
         for r in block:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
             spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
+            err = ""
+            if errs:
+                err = f"{max(r['rel_err'].values()):<11.2e}  " if r.get("rel_err") else f"{'-':13}"
             print(f"{r['provider']:32} {r['p50_ms']:9.2f} {spread:>17} {speedup:>7}  "
-                  f"{_rate(r):32} {r['timing']}")
+                  f"{_rate(r):32} {err}{r['timing']}")
 
 
 def slug(text: str) -> str:

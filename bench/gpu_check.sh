@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs (issue 6), in device calls of at most 10 minutes each,
-# three of which fit the 30 minutes of device time with the machine's start (bench/NOTES.md):
+# What a session with a lent GPU runs (issue 6). A session has 15 minutes of device time: the
+# machine's start takes 1-2, one call at most 10, and no machine starts with under 4 left, so a
+# session gets one full call and, only while the machine is still warm (30 s after a call),
+# one short one (bench/NOTES.md, "Plan of device calls"):
 #
-#   DEADLINE=480 STEPS="tests memcheck" bash bench/gpu_check.sh    # call 1 (the two side by side)
-#   DEADLINE=540 STEPS=bench SUITES="adamw varlen_attn" bash bench/gpu_check.sh         # call 2
-#   DEADLINE=540 STEPS=bench SUITES="lora e2e" BENCH_ARGS=--quick bash bench/gpu_check.sh
-#   STEPS=tune bash bench/gpu_check.sh            # the config sweep, when a session has time
+#   bash bench/gpu_check.sh                        # call 1, timeout_s=600: the default plan
+#   DEADLINE=150 STEPS=bench SUITES=lora BENCH_ARGS=--quick bash bench/gpu_check.sh  # call 2
+#   STEPS=tune bash bench/gpu_check.sh             # the config sweep, in a session of its own
 #
+# The default plan, in one deadline (DEADLINE seconds from the start, default 570): install
+# fasttrain (no network there: torch, triton, pytest, xdist are in the image), build the
+# C++/CUDA extension in the background, run the GPU tests (TESTS: pytest arguments, default
+# every gpu-marked test) beside compute-sanitizer's memcheck for at most TEST_CAP seconds
+# (default 200), then the benchmark suites (SUITES, default all four) with BENCH_ARGS (default
+# --targets: the workloads of DESIGN.md's targets), and last the verdict on every target.
 # The harness writes each suite's JSON after every workload, so a suite that runs into the
 # deadline keeps what it measured (the file says "complete": false).
-# Every call installs fasttrain (no network there: torch, triton, pytest, xdist are in the
-# image) and loads or builds the C++/CUDA extension with ninja. The steps share one deadline
-# (DEADLINE seconds from the start, default 560) and stop early enough to pack what was built.
 # What comes back under $OUT (at most 8 files): gpu_check.log (everything printed), the
 # harness's JSON results, tune/ (the sweep's JSON: commit it under bench/results/tune/), and
 # devcache.tgz: the built extension and Triton's compiled kernels. Copy that file to
 # .devcache/ (git-ignored) here and name .devcache in the next call's `carry`: that call then
 # skips the builds it already paid for. Commit the results JSON under bench/results/.
+# PY (default python3), INSTALL=0 (skip the install) and BENCH_DEVICE (default cuda) are for
+# the dry run the tests make on a CPU machine (tests/test_gpu_scripts.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 STEPS=${STEPS:-tests memcheck bench}
-DEADLINE=$((SECONDS + ${DEADLINE:-560}))
+DEADLINE=$((SECONDS + ${DEADLINE:-570}))
+TEST_CAP=${TEST_CAP:-200}
+PY=${PY:-python3}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-export PYTHONUNBUFFERED=1 FASTTRAIN_CACHE=/tmp/fasttrain-cache TRITON_CACHE_DIR=/tmp/triton-cache
-PY=python3
+export PYTHONUNBUFFERED=1 FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 status=0
 
 step() { echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
@@ -47,16 +55,21 @@ run() {
   return $rc
 }
 # a build killed mid-way leaves torch's lock file, on which every later load would wait
-drop_locks() { rm -f /tmp/fasttrain-cache/*/lock; }
+drop_locks() { rm -f "$FASTTRAIN_CACHE"/*/lock; }
 
 step "install (steps: $STEPS)"
 if [ -f .devcache/devcache.tgz ]; then
   tar xzf .devcache/devcache.tgz -C / && drop_locks && echo "unpacked the carried build cache"
 fi
-run 120 $PY -m pip install -q --no-deps --no-build-isolation -e .
+[ "${INSTALL:-1}" = 0 ] || run 120 $PY -m pip install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
-step "environment and extension build"
-run 300 $PY -m fasttrain.env
+
+# The extension builds (nvcc, about 30 s) while the tests start: a test that needs it waits on
+# the build's lock (fasttrain/_ext.py), the Triton tests run meanwhile.
+step "environment and extension build, in the background"
+env_log=$(mktemp)
+(run 300 $PY -m fasttrain.env) > "$env_log" 2>&1 &
+env_pid=$!
 
 # memcheck runs beside the GPU tests (its own process, small sizes; 8 pytest workers leave it
 # CPU cores to compile on). Without torch's caching allocator every tensor is its own
@@ -66,17 +79,23 @@ memcheck_pid=""
 if has memcheck; then
   step "compute-sanitizer memcheck (tests/memcheck_kernels.py), in the background"
   (export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-   run 390 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+   run "$TEST_CAP" compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
      $PY tests/memcheck_kernels.py) > "$OUT/memcheck.log" 2>&1 &
   memcheck_pid=$!
 fi
 
 if has tests; then
-  step "GPU tests"
+  step "GPU tests (${TESTS:=-m gpu})"
   xdist=()
   $PY -c "import xdist, pytest_timeout" 2>/dev/null && xdist=(-n 8 --timeout 300)
-  run 390 $PY -m pytest -q -m gpu -p no:cacheprovider "${xdist[@]}" -rfEs --durations=15
+  # shellcheck disable=SC2086  # TESTS is a list of pytest arguments
+  run "$TEST_CAP" $PY -m pytest -q $TESTS -p no:cacheprovider "${xdist[@]}" -rfEs --durations=15
 fi
+
+wait "$env_pid" || status=1
+step "environment (python -m fasttrain.env)"
+cat "$env_log"
+rm -f "$env_log"
 
 if [ -n "$memcheck_pid" ]; then
   wait "$memcheck_pid" || status=1
@@ -85,8 +104,9 @@ if [ -n "$memcheck_pid" ]; then
 fi
 
 if has bench; then
-  step "benchmarks: ${SUITES:=adamw varlen_attn lora e2e} ${BENCH_ARGS:=}"
-  run 560 $PY -m bench --suite $SUITES --device cuda --out "$OUT" $BENCH_ARGS
+  step "benchmarks: ${SUITES:=adamw varlen_attn lora e2e} ${BENCH_ARGS=--targets}"
+  # shellcheck disable=SC2086  # SUITES and BENCH_ARGS are lists
+  run 560 $PY -m bench --suite $SUITES --device "${BENCH_DEVICE:-cuda}" --out "$OUT" $BENCH_ARGS
 fi
 
 if has tune; then
@@ -97,7 +117,7 @@ fi
 step "pack the build cache"
 drop_locks
 dirs=()
-for d in /tmp/fasttrain-cache /tmp/triton-cache; do [ -d "$d" ] && dirs+=("${d#/}"); done
+for d in "$FASTTRAIN_CACHE" "$TRITON_CACHE_DIR"; do [ -d "$d" ] && dirs+=("${d#/}"); done
 if [ ${#dirs[@]} -gt 0 ]; then
   # Triton reloads a kernel from its cubin and metadata (.json, __grp__*.json); its IR files
   # (ptx, ttir, ttgir, llir, source) would more than double the archive
@@ -105,9 +125,14 @@ if [ ${#dirs[@]} -gt 0 ]; then
     --exclude='*.llir' --exclude='*.source' "${dirs[@]}"
   if [ "$(stat -c %s "$OUT/devcache.tgz")" -gt 15000000 ]; then  # over the 16 MiB a file
     echo "Triton's cache is too big to carry; packing the extension alone"
-    tar czf "$OUT/devcache.tgz" -C / tmp/fasttrain-cache 2>/dev/null || rm -f "$OUT/devcache.tgz"
+    tar czf "$OUT/devcache.tgz" -C / "${FASTTRAIN_CACHE#/}" 2>/dev/null \
+      || rm -f "$OUT/devcache.tgz"
   fi
 fi
 ls -laR "$OUT"
+if compgen -G "$OUT/*.json" > /dev/null; then
+  step "DESIGN.md's targets, judged from this call's results"
+  $PY -m bench --verdict "$OUT" || status=1
+fi
 step "done, status $status"
 exit $status

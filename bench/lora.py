@@ -8,6 +8,9 @@ providers. ``bytes`` is the traffic the frozen base layer cannot avoid (fwd: x, 
 W, dx), so GB/s compares providers on the same yardstick; ``flops`` is the provider's own
 matmul work. On CUDA each row also records the activation memory kept by the forward
 (``saved_bytes``) and the peak memory of one fwd+bwd above the inputs (``peak_bytes``).
+Without dropout, each LoRA provider's rows record ``rel_err``: its y, dx, dA and dB against an
+fp32 computation on the same inputs, as ||x - ref|| / ||ref|| (with dropout every provider
+draws its own mask, so there is nothing to compare).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def workloads(ctx: Context) -> list[dict]:
         return [dict(M=64, K=64, N=64, r=8, p=p) for p in (0.0, 0.1)]
     if not ctx.cuda:
         return [dict(M=512, K=512, N=512, r=16, p=p) for p in (0.0, 0.1)]
+    if ctx.sizes == "targets":  # DESIGN's target workload
+        return [dict(M=8192, K=4096, N=4096, r=16, p=0.0)]
     if ctx.sizes == "quick":
         return [dict(M=8192, K=4096, N=4096, r=16, p=p) for p in (0.0, 0.1)]
     return [dict(M=m, K=k, N=k, r=r, p=p) for k in (4096, 8192) for m in (1024, 8192, 32768)
@@ -154,6 +159,25 @@ def _timed_fns(fwd, inputs, dy) -> dict:
     return {"fwd": fwd, "bwd": backward, "fwd+bwd": both}
 
 
+OUTPUTS = ("out", "dx", "dA", "dB")  # y and the gradients a LoRA provider computes, in order
+
+
+def reference(t: dict) -> dict[str, torch.Tensor]:
+    """y, dx, dA, dB in fp32 from the inputs upcast, without dropout, for the output grad dy."""
+    x, weight, bias, a, b = (t[k].detach().float().requires_grad_(k in ("x", "lora_A", "lora_B"))
+                             for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    y = F.linear(x, weight, bias) + ALPHA_OVER_R * F.linear(F.linear(x, a), b)
+    return dict(zip(OUTPUTS, (y.detach(), *torch.autograd.grad(y, (x, a, b), t["dy"].float()))))
+
+
+def errors(fwd, inputs, dy, ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||t - ref|| / ||ref|| of the provider's y and its gradients (x, A, B) in fp32."""
+    y = fwd()
+    got = (y, *torch.autograd.grad(y, inputs, dy))
+    return {name: float((g.float() - ref[name]).norm() / ref[name].norm().clamp_min(1e-30))
+            for name, g in zip(OUTPUTS, got)}
+
+
 def _memory(fwd, inputs, dy, device) -> dict:
     """CUDA: bytes the forward keeps for backward, peak of one fwd+bwd above what was there."""
     torch.cuda.synchronize(device)
@@ -173,7 +197,8 @@ def run(ctx: Context) -> Iterator[list[dict]]:
     for w in workloads(ctx):
         rows = []
         t = make_tensors(w, dtype, ctx.device)
-        fns, info = {}, {}
+        ref = reference(t) if w["p"] == 0 else None
+        fns, info, errs = {}, {}, {}
         for name, make in PROVIDERS.items():
             if name == "fasttrain-triton" and not ctx.cuda:
                 ctx.skip(name, "CUDA only (the Triton interpreter on CPU is a correctness "
@@ -184,6 +209,8 @@ def run(ctx: Context) -> Iterator[list[dict]]:
                 timed = _timed_fns(fwd, inputs, t["dy"])
                 timed["fwd+bwd"]()  # fails here if the provider cannot run this workload
                 mem = _memory(fwd, inputs, t["dy"], ctx.device) if ctx.cuda else {}
+                if ref is not None and name != BASELINE:  # the base layer computes no LoRA term
+                    errs[name] = errors(fwd, inputs, t["dy"], ref)
             except Exception as e:  # noqa: BLE001 - any failure skips the provider, with why
                 ctx.skip(name, f"{type(e).__name__}: {e}".splitlines()[0])
                 continue
@@ -208,8 +235,10 @@ def run(ctx: Context) -> Iterator[list[dict]]:
                          "bytes": n_bytes, "bytes_per_param": n_bytes / (w["M"] * w["K"]),
                          "flops": n_flops,
                          "saved_bytes": info[name].get("saved_bytes"),
-                         "peak_bytes": info[name].get("peak_bytes")})
-        del t, fns
+                         "peak_bytes": info[name].get("peak_bytes"),
+                         "rel_err": errs.get(name),
+                         "rel_err_reference": "fp32 (upcast inputs)" if name in errs else None})
+        del t, fns, ref
         gc.collect()
         if ctx.cuda:
             torch.cuda.empty_cache()

@@ -122,10 +122,11 @@ def block_table(rows: list[dict]) -> list[str]:
     else:
         probe = ""
     e2e = any("loss_max_abs_diff" in r for r in rows)  # end to end: memory and loss columns
-    extra = " peak GiB | loss max abs diff |" if e2e else ""
+    errs = any(r.get("rel_err") for r in rows)  # attention, LoRA: accuracy against fp32
+    extra = (" peak GiB | loss max abs diff |" if e2e else "") + (" max rel err |" if errs else "")
     lines = [f"{probe}speedup vs `{rows[0].get('baseline')}`", "",
              f"| provider | p50 ms | p20-p80 ms | {unit} | % of probe | speedup |{extra} timing |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * (2 * e2e) + "---|"]
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (2 * e2e + errs) + "---|"]
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
         pct = f"{r['pct_of_probe']:.0f}%" if r.get("pct_of_probe") is not None else "-"
@@ -134,6 +135,8 @@ def block_table(rows: list[dict]) -> list[str]:
             peak = r["peak_bytes"] / 2**30 if r.get("peak_bytes") is not None else None
             diff = r.get("loss_max_abs_diff")
             cells = f" {fmt(peak)} | {'-' if diff is None else f'{diff:.2e}'} |"
+        if errs:
+            cells += f" {max(r['rel_err'].values()):.2e} |" if r.get("rel_err") else " - |"
         lines.append(f"| {r['provider']} | {fmt(r['p50_ms'])} | {fmt(r['p20_ms'])}-"
                      f"{fmt(r['p80_ms'])} | {fmt(rate(r)[0])} | {pct} | {speedup} |{cells} "
                      f"{r.get('timing', '')} |")

@@ -10,6 +10,11 @@ FLOPs follow FlashAttention's convention over the real (unpadded) work:
 4 * sum(len^2) * nheads * d, halved when causal, x2.5 for the backward, x3.5 for both; so a
 provider that computes on padding gets no credit for it. Modes: ``fwd`` (under no_grad),
 ``bwd`` (autograd.grad of a kept graph) and ``fwd+bwd``.
+
+Every row also records ``rel_err``: the provider's out, dq, dk and dv (mapped back to the packed
+layout; the same output gradient for all) against an fp32 reference on the same inputs, as
+||x - ref|| / ||ref||. A fast provider is only worth its time if its error stays near the
+baseline's (bench/targets.py asks for at most twice it, FlashAttention's criterion).
 """
 from __future__ import annotations
 
@@ -42,9 +47,10 @@ def long_tailed(total: int, shortest: int, longest: int, seed: int = SEED) -> li
     return lens
 
 
-def one_long(total: int, long: int, shortest: int, longest: int) -> list[int]:
+def uniform(total: int, shortest: int, longest: int, head: tuple[int, ...] = ()) -> list[int]:
+    """``head``, then lengths drawn uniformly from [shortest, longest] up to ``total``."""
     rng = random.Random(SEED)
-    lens = [long]
+    lens = list(head)
     while sum(lens) < total:
         lens.append(min(rng.randint(shortest, longest), total - sum(lens)))
     return lens
@@ -52,7 +58,8 @@ def one_long(total: int, long: int, shortest: int, longest: int) -> list[int]:
 
 WORKLOADS = {
     "mix-16K": lambda: long_tailed(16384, 128, 4096),
-    "1x8K+short-16K": lambda: one_long(16384, 8192, 128, 512),
+    "short-16K": lambda: uniform(16384, 32, 256),  # many short sequences (no cliff there)
+    "1x8K+short-16K": lambda: uniform(16384, 128, 512, head=(8192,)),
     "equal-8x2K": lambda: [2048] * 8,
     "mix-2K": lambda: long_tailed(2048, 32, 512),  # CPU
     "mix-256": lambda: long_tailed(256, 8, 64),  # tiny (tests)
@@ -72,8 +79,10 @@ def plan(ctx: Context) -> list[tuple[str, Shape]]:
     if not ctx.cuda:
         workload = "mix-256" if ctx.sizes == "tiny" else "mix-2K"
         return [(workload, Shape(4, 2, 64, causal, torch.float32)) for causal in (True, False)]
-    workloads = ["mix-16K"] if ctx.sizes == "quick" else ["mix-16K", "1x8K+short-16K",
-                                                          "equal-8x2K"]
+    if ctx.sizes == "targets":  # DESIGN's target workload, and its no-cliff companion
+        return [(w, Shape(32, 8, 128, True, torch.bfloat16)) for w in ("mix-16K", "short-16K")]
+    workloads = ["mix-16K"] if ctx.sizes == "quick" else ["mix-16K", "short-16K",
+                                                          "1x8K+short-16K", "equal-8x2K"]
     dims = [128] if ctx.sizes == "quick" else [128, 64]
     return [(w, Shape(32, 8, d, causal, torch.bfloat16))
             for w in workloads for d in dims for causal in (True, False)]
@@ -107,12 +116,37 @@ def make_inputs(lens: list[int], shape: Shape, device: torch.device) -> Inputs:
                   rand(shape.nheads))
 
 
-# A provider: make(inputs, shape) -> (forward function of (q, k, v) -> out, (q, k, v) leaves).
-Provider = Callable[[Inputs, Shape], tuple]
+GRADS = ("dq", "dk", "dv")
+
+
+def _same(t: torch.Tensor, name: str = "") -> torch.Tensor:
+    return t
+
+
+@dataclass
+class Run:
+    """What a provider sets up: ``fn(*leaves)`` is its attention in its own layout; ``layout``
+    maps a packed (total, nheads, d) tensor into that layout (the output gradient), ``packed``
+    maps its out / dq / dk / dv back (``name`` says which)."""
+    fn: Callable
+    leaves: tuple
+    layout: Callable[[torch.Tensor], torch.Tensor] = _same
+    packed: Callable[[torch.Tensor, str], torch.Tensor] = _same
+
+
+# A provider: make(inputs, shape) -> Run.
+Provider = Callable[[Inputs, Shape], Run]
 
 
 def _leaves(*tensors):
     return tuple(t.detach().clone().requires_grad_() for t in tensors)
+
+
+def _sum_repeated_kv(t: torch.Tensor, name: str, s: Shape) -> torch.Tensor:
+    """dk/dv of kv heads repeated (repeat_interleave) to nheads: summed back to nheads_k."""
+    if name not in ("dk", "dv") or s.nheads == s.nheads_k:
+        return t
+    return t.unflatten(1, (s.nheads_k, s.nheads // s.nheads_k)).sum(2)
 
 
 def fasttrain(backend: str) -> Provider:
@@ -122,7 +156,7 @@ def fasttrain(backend: str) -> Provider:
         def fn(q, k, v):
             return varlen_attention(q, k, v, x.cu_seqlens, x.cu_seqlens, causal=s.causal,
                                     backend=backend)
-        return fn, _leaves(x.q, x.k, x.v)
+        return Run(fn, _leaves(x.q, x.k, x.v))
     return make
 
 
@@ -132,10 +166,12 @@ def torch_varlen(x: Inputs, s: Shape):
     params = inspect.signature(varlen.varlen_attn).parameters
     k, v = x.k, x.v
     kwargs = {}
+    repeated = False
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     elif s.nheads != s.nheads_k:  # older torch: no GQA, so the kv heads are repeated up front
         k, v = (t.repeat_interleave(s.nheads // s.nheads_k, 1) for t in (k, v))
+        repeated = True
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if s.causal else (-1, -1)
     else:
@@ -144,7 +180,8 @@ def torch_varlen(x: Inputs, s: Shape):
     def fn(q, k, v):
         return varlen.varlen_attn(q, k, v, x.cu_seqlens, x.cu_seqlens, x.max_seqlen,
                                   x.max_seqlen, **kwargs)
-    return fn, _leaves(x.q, k, v)
+    return Run(fn, _leaves(x.q, k, v),
+               packed=lambda t, name: _sum_repeated_kv(t, name, s) if repeated else t)
 
 
 def flash_attn(x: Inputs, s: Shape):
@@ -153,7 +190,7 @@ def flash_attn(x: Inputs, s: Shape):
     def fn(q, k, v):
         return flash_attn_varlen_func(q, k, v, x.cu_seqlens, x.cu_seqlens, x.max_seqlen,
                                       x.max_seqlen, causal=s.causal)
-    return fn, _leaves(x.q, x.k, x.v)
+    return Run(fn, _leaves(x.q, x.k, x.v))
 
 
 def _padded(t: torch.Tensor, lens: list[int], seqlen: int) -> torch.Tensor:
@@ -164,6 +201,11 @@ def _padded(t: torch.Tensor, lens: list[int], seqlen: int) -> torch.Tensor:
         out[b, :n] = t[start:start + n]
         start += n
     return out.transpose(1, 2)
+
+
+def _unpadded(t: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """(batch, heads, seqlen, d) -> (total, heads, d): the inverse of ``_padded``."""
+    return torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
 
 
 def sdpa_padded(x: Inputs, s: Shape):
@@ -182,7 +224,11 @@ def sdpa_padded(x: Inputs, s: Shape):
     def fn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=s.causal, **gqa)
-    return fn, _leaves(q, k, v)
+
+    def packed(t, name):
+        t = _unpadded(t, x.lens)
+        return _sum_repeated_kv(t, name, s) if mask is not None else t
+    return Run(fn, _leaves(q, k, v), layout=lambda t: _padded(t, x.lens, seqlen), packed=packed)
 
 
 def flex_document(x: Inputs, s: Shape):
@@ -205,7 +251,7 @@ def flex_document(x: Inputs, s: Shape):
         out = compiled(q[None].transpose(1, 2), k[None].transpose(1, 2),
                        v[None].transpose(1, 2), block_mask=block_mask, enable_gqa=gqa)
         return out.transpose(1, 2)[0]
-    return fn, _leaves(x.q, x.k, x.v)
+    return Run(fn, _leaves(x.q, x.k, x.v))
 
 
 def providers(ctx: Context) -> dict[str, Provider]:
@@ -236,9 +282,39 @@ def flops(lens: list[int], s: Shape, mode: str) -> float:
     return work * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
-def timed_functions(fn, leaves, dout_like: torch.Tensor) -> dict[str, Callable[[], object]]:
+def reference(x: Inputs, s: Shape) -> dict[str, torch.Tensor]:
+    """fp32 out, dq, dk, dv (packed) of the inputs upcast, for the output gradient ``x.dout``:
+    fasttrain's torch reference one sequence at a time (memory bounded by the longest)."""
+    from fasttrain.ops.varlen_attn import varlen_attention_reference
+
+    parts = {name: [] for name in ("out", *GRADS)}
+    bounds = x.cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        q, k, v = (t[start:end].float().requires_grad_() for t in (x.q, x.k, x.v))
+        cu = torch.tensor([0, end - start], dtype=torch.int32, device=q.device)
+        out, _ = varlen_attention_reference(q, k, v, cu, cu, causal=s.causal)
+        grads = torch.autograd.grad(out, (q, k, v), x.dout[start:end].float())
+        for name, t in zip(parts, (out, *grads)):
+            parts[name].append(t.detach())
+    return {name: torch.cat(ts) for name, ts in parts.items()}
+
+
+def rel_err(t: torch.Tensor, ref: torch.Tensor) -> float:
+    """||t - ref|| / ||ref|| in fp32."""
+    return float((t.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def errors(run: Run, dout: torch.Tensor, ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The provider's out, dq, dk, dv against the fp32 reference."""
+    out = run.fn(*run.leaves)
+    grads = torch.autograd.grad(out, run.leaves, dout)
+    return {name: rel_err(run.packed(t, name), ref[name])
+            for name, t in zip(("out", *GRADS), (out, *grads))}
+
+
+def timed_functions(run: Run, dout: torch.Tensor) -> dict[str, Callable[[], object]]:
+    fn, leaves = run.fn, run.leaves
     out = fn(*leaves)
-    dout = torch.randn_like(out) if dout_like.shape != out.shape else dout_like.to(out.dtype)
 
     def forward():
         with torch.no_grad():
@@ -255,18 +331,23 @@ def timed_functions(fn, leaves, dout_like: torch.Tensor) -> dict[str, Callable[[
 def measure(ctx: Context, workload: str, s: Shape) -> list[dict]:
     lens = WORKLOADS[workload]()
     x = make_inputs(lens, s, ctx.device)
+    ref = reference(x, s)
     per_mode = {mode: {} for mode in MODES}
+    errs = {}
     for name, make in providers(ctx).items():
         try:
-            fn, leaves = make(x, s)
-            fns = timed_functions(fn, leaves, x.dout)
+            run = make(x, s)
+            dout = run.layout(x.dout)
+            fns = timed_functions(run, dout)
             for f in fns.values():  # compiles, autotunes; fails here if it cannot run
                 f()
+            errs[name] = errors(run, dout, ref)
         except Exception as e:  # noqa: BLE001 - any failure skips the provider, with the reason
             ctx.skip(name, f"{type(e).__name__}: {e}".splitlines()[0])
             continue
         for mode, f in fns.items():
             per_mode[mode][name] = f
+    del ref
     config = {"n_seqs": len(lens), "total_tokens": sum(lens), "max_seqlen": max(lens),
               "nheads": s.nheads, "nheads_k": s.nheads_k, "head_dim": s.head_dim,
               "causal": s.causal, "seed": SEED}
@@ -281,7 +362,8 @@ def measure(ctx: Context, workload: str, s: Shape) -> list[dict]:
         rows += [{"kernel": "varlen_attn", "provider": name, "mode": mode, "workload": label,
                   "config": json.dumps(config), "dtype": dtype, **timings[name],
                   "reps": ctx.reps, "flops": flops(lens, s, mode), "probe_tflops": probe_tflops,
-                  "timing": "cuda-events" if ctx.cuda else "perf_counter"}
+                  "timing": "cuda-events" if ctx.cuda else "perf_counter",
+                  "rel_err": errs[name], "rel_err_reference": "fp32 (upcast inputs)"}
                  for name in fns]
     del x, per_mode
     gc.collect()

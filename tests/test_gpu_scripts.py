@@ -1,4 +1,5 @@
 """The scripts that bench/gpu_check.sh runs on a lent GPU, dry-run here so they do not rot."""
+import json
 import os
 import subprocess
 import sys
@@ -20,3 +21,27 @@ def test_memcheck_script_dry_run_on_cpu():
     assert sum("adamw" in line for line in ok) == 5
     assert sum("varlen_attn" in line for line in ok) == 16
     assert sum(line.startswith("ok lora") for line in ok) == 10
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh's bench step on the CPU at tiny sizes, as a lent GPU runs it: the
+    extension builds beside the other steps, the harness's JSON lands in $OUT with the packed
+    build cache, and the verdict on DESIGN.md's targets closes the log."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PY=sys.executable, INSTALL="0", STEPS="bench", SUITES="adamw",
+               BENCH_ARGS="--sizes tiny", BENCH_DEVICE="cpu", DEADLINE="500",
+               FASTTRAIN_CACHE=os.environ.get("FASTTRAIN_CACHE", "~/.cache/fasttrain"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    env["FASTTRAIN_CACHE"] = os.path.expanduser(env["FASTTRAIN_CACHE"])
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_check.log").read_text()
+    assert proc.returncode == 0, log
+    assert "fasttrain" in log and "extension" in log  # python -m fasttrain.env's report
+    (results,) = out.glob("adamw-*.json")
+    assert json.loads(results.read_text())["complete"] is True
+    assert (out / "devcache.tgz").stat().st_size > 0
+    tail = log[log.index("DESIGN.md's targets, judged"):]
+    assert "| target | rows | measured | needed | verdict | on |" in tail
+    assert "not measured" in tail and tail.splitlines()[-1].startswith("=== done, status 0")

@@ -1,0 +1,274 @@
+"""DESIGN.md's performance targets judged from harness results: ``python -m bench --verdict
+FILE...`` (files or folders; README.md's results section shows the same table for the committed
+files).
+
+Each target reads rows of one suite on one kind of device (cuda or cpu), computes one figure
+from them (a speedup, a rate, a ratio) and compares it with its bar. The figure comes from the
+newest file that has every row it needs, so a later run of other workloads does not hide an
+earlier measurement. A target is:
+
+- ``met`` when the figure clears the bar and, where the rows record ``rel_err`` (the suites of
+  compute-bound kernels do), fasttrain's error on each output is at most twice that of the
+  provider named for accuracy, plus 1e-6 (FlashAttention's test criterion): a fast but wrong
+  kernel meets nothing;
+- ``missed`` with the figure when it does not (or ``missed (accuracy)``);
+- ``not measured`` when no file has the rows, with the reason a run gave for skipping the
+  provider where it gave one.
+
+Targets that no harness row measures (the low-precision loss curve, which is a test) are left
+out here and named in ``NOT_HERE``. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.report import expand, fmt, load
+
+ACCURACY_FACTOR, ACCURACY_FLOOR = 2.0, 1e-6
+
+NOT_HERE = ("AdamW, low precision: the same loss curve on a small LM (a test: "
+            "tests/test_adamw.py::test_bf16_training_tracks_fp32_master)")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where a target's rows are: suite, device type, workload, mode, dtype."""
+    suite: str
+    device: str
+    workload: str
+    mode: str
+    dtype: str
+
+    def where(self) -> str:
+        return f"{self.suite} {self.workload} {self.mode} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # DESIGN.md's wording, shortened
+    rows: Rows
+    figure: Callable[[dict], float]  # {provider: row} -> the figure (KeyError: rows missing)
+    needs: tuple[str, ...]  # providers the figure reads
+    op: str  # ">=", "<=" or "<"
+    bar: float
+    unit: str  # "x", "%", "TFLOP/s"
+    fasttrain: str | None = None  # the provider whose accuracy is judged ...
+    accuracy: tuple[str, ...] = ()  # ... against the first of these present with rel_err
+    other: Rows | None = None  # a second place a provider is read from (``needs`` of other)
+    other_needs: tuple[str, ...] = ()
+
+
+def _p50(by: dict, provider: str) -> float:
+    return by[provider]["p50_ms"]
+
+
+def speedup(fast: str, over: str) -> Callable[[dict], float]:
+    return lambda by: _p50(by, over) / _p50(by, fast)
+
+
+def field(provider: str, name: str) -> Callable[[dict], float]:
+    def get(by):
+        value = by[provider].get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+    return get
+
+
+def ratio(num: str, den: str, name: str) -> Callable[[dict], float]:
+    return lambda by: field(num, name)(by) / field(den, name)(by)
+
+
+ADAMW_1B = Rows("adamw", "cuda", "1B/300", "step", "float32")
+VARLEN_FWD = Rows("varlen_attn", "cuda", "mix-16K d=128 causal", "fwd", "bfloat16")
+VARLEN_BWD = Rows("varlen_attn", "cuda", "mix-16K d=128 causal", "bwd", "bfloat16")
+LORA = Rows("lora", "cuda", "M=8192 K=4096 N=4096 r=16 p=0.0", "fwd+bwd", "bfloat16")
+E2E = Rows("e2e", "cuda", "llama-1B", "lora", "bfloat16")
+CPU_ADAMW = Rows("adamw", "cpu", "50M/200", "step", "float32")
+ATTN_ACC = dict(fasttrain="fasttrain", accuracy=("torch-varlen", "sdpa-padded"))
+LORA_ACC = dict(fasttrain="fasttrain-triton", accuracy=("peft", "torch-3matmul"))
+FT = "fasttrain-triton"
+
+TARGETS = (
+    Target("AdamW step fp32 vs torch fused", ADAMW_1B, speedup(FT, "torch-fused"),
+           (FT, "torch-fused"), ">=", 1.0, "x"),
+    Target("AdamW step fp32, % of measured copy bandwidth (28 B/param)", ADAMW_1B,
+           field(FT, "pct_of_probe"), (FT,), ">=", 90.0, "%"),
+    Target("AdamW + grad clip vs clip_grad_norm_ + torch fused",
+           Rows("adamw", "cuda", "1B/300", "clip+step", "float32"),
+           speedup(FT, "torch-fused"), (FT, "torch-fused"), ">=", 1.4, "x"),
+    Target("AdamW, many small tensors vs torch fused",
+           Rows("adamw", "cuda", "5000x4K", "step", "float32"),
+           speedup(FT, "torch-fused"), (FT, "torch-fused"), ">=", 2.0, "x"),
+    Target("AdamW bf16 params + bf16 states (SR) vs torch fused fp32",
+           Rows("adamw", "cuda", "1B/300", "step", "bfloat16"),
+           lambda by: by["fp32:torch-fused"]["p50_ms"] / _p50(by, f"{FT}[sr,bf16-state]"),
+           (f"{FT}[sr,bf16-state]",), ">=", 1.8, "x", other=ADAMW_1B,
+           other_needs=("torch-fused",)),
+    Target("AdamW on CPU vs torch fused CPU", CPU_ADAMW, speedup("fasttrain-cpu", "torch-fused"),
+           ("fasttrain-cpu", "torch-fused"), ">=", 1.1, "x"),
+    Target("AdamW on CPU, % of the a += s*b bandwidth probe", CPU_ADAMW,
+           field("fasttrain-cpu", "pct_of_probe"), ("fasttrain-cpu",), ">=", 90.0, "%"),
+    Target("AdamW on CPU, time per tensor (5000 tensors of 16 elements)",
+           Rows("adamw", "cpu", "5000x16", "step", "float32"),
+           lambda by: 1e3 * _p50(by, "fasttrain-cpu") / 5000, ("fasttrain-cpu",), "<", 1.0,
+           "us"),
+    Target("varlen attention fwd vs torch varlen (FA2 kernel)", VARLEN_FWD,
+           speedup("fasttrain", "torch-varlen"), ("fasttrain", "torch-varlen"), ">=", 1.0, "x",
+           **ATTN_ACC),
+    Target("varlen attention bwd vs torch varlen (FA2 kernel)", VARLEN_BWD,
+           speedup("fasttrain", "torch-varlen"), ("fasttrain", "torch-varlen"), ">=", 1.0, "x",
+           **ATTN_ACC),
+    Target("varlen attention fwd rate", VARLEN_FWD, field("fasttrain", "tflops"),
+           ("fasttrain",), ">=", 450.0, "TFLOP/s", **ATTN_ACC),
+    Target("varlen attention fwd vs FlexAttention (document mask)", VARLEN_FWD,
+           speedup("fasttrain", "flex-document-mask"), ("fasttrain", "flex-document-mask"),
+           ">=", 1.3, "x", **ATTN_ACC),
+    Target("varlen attention bwd vs FlexAttention (document mask)", VARLEN_BWD,
+           speedup("fasttrain", "flex-document-mask"), ("fasttrain", "flex-document-mask"),
+           ">=", 1.3, "x", **ATTN_ACC),
+    Target("varlen attention, no cliff at many short sequences: fwd+bwd vs torch varlen",
+           Rows("varlen_attn", "cuda", "short-16K d=128 causal", "fwd+bwd", "bfloat16"),
+           speedup("fasttrain", "torch-varlen"), ("fasttrain", "torch-varlen"), ">=", 1.0, "x",
+           **ATTN_ACC),
+    Target("LoRA linear fwd+bwd, time over the frozen base linear's", LORA,
+           lambda by: _p50(by, FT) / _p50(by, "base-linear"), (FT, "base-linear"), "<=", 1.15,
+           "x", **LORA_ACC),
+    Target("LoRA linear fwd+bwd vs peft", LORA, speedup(FT, "peft"), (FT, "peft"), ">=", 1.3,
+           "x", **LORA_ACC),
+    Target("end to end LoRA fine-tune, tokens/s vs HF + peft + torch AdamW + SDPA padded", E2E,
+           ratio("fasttrain", "baseline", "tokens_per_s"), ("fasttrain", "baseline"), ">=", 1.5,
+           "x"),
+    Target("end to end LoRA fine-tune, peak memory over the baseline's", E2E,
+           ratio("fasttrain", "baseline", "peak_bytes"), ("fasttrain", "baseline"), "<", 1.0,
+           "x"),
+)
+
+
+@dataclass
+class Verdict:
+    target: Target
+    verdict: str  # "met", "missed", "missed (accuracy)", "not measured"
+    figure: float | None = None
+    note: str = ""
+    doc: dict | None = None
+
+
+def _select(doc: dict, rows: Rows) -> dict:
+    return {r["provider"]: r for r in doc["rows"]
+            if (r["workload"], r["mode"], r["dtype"]) == (rows.workload, rows.mode, rows.dtype)}
+
+
+def _candidates(docs: list[dict], rows: Rows) -> list[dict]:
+    """The files of the target's suite and device type, newest first."""
+    mine = [d for d in docs if d["suite"] == rows.suite and d["env"]["device"] == rows.device]
+    return sorted(mine, key=lambda d: (d["env"]["timestamp"], d["path"].name), reverse=True)
+
+
+def _accuracy(target: Target, by: dict) -> str:
+    """'' when fasttrain's rel_err is within the bound of the accuracy provider's (or nothing
+    is recorded to judge), else what is off."""
+    mine = (by.get(target.fasttrain) or {}).get("rel_err")
+    ref = next((by[p]["rel_err"] for p in target.accuracy if (by.get(p) or {}).get("rel_err")),
+               None)
+    if not mine or not ref:
+        return ""
+    off = [f"{k} {fmt(mine[k])} vs {fmt(ref[k])}" for k in mine
+           if k in ref and not mine[k] <= ACCURACY_FACTOR * ref[k] + ACCURACY_FLOOR]
+    return ", ".join(off)
+
+
+def _passes(value: float, op: str, bar: float) -> bool:
+    return {">=": value >= bar, "<=": value <= bar, "<": value < bar}[op]
+
+
+def judge(target: Target, docs: list[dict]) -> Verdict:
+    for doc in _candidates(docs, target.rows):
+        by = _select(doc, target.rows)
+        if target.other is not None:
+            by.update({f"fp32:{p}": r for p, r in _select(doc, target.other).items()})
+            if not all(f"fp32:{p}" in by for p in target.other_needs):
+                continue
+        if not all(p in by for p in target.needs):
+            continue
+        try:
+            value = target.figure(by)
+        except (KeyError, ZeroDivisionError, TypeError):
+            continue
+        off = _accuracy(target, by)
+        notes = [f"rel_err over {ACCURACY_FACTOR:g}x the reference's: {off}"] if off else []
+        if target.fasttrain and not (by.get(target.fasttrain) or {}).get("rel_err"):
+            notes.append("accuracy not recorded")
+        passed = _passes(value, target.op, target.bar)
+        verdict = "missed" if not passed else "missed (accuracy)" if off else "met"
+        return Verdict(target, verdict, value, "; ".join(notes), doc)
+    return Verdict(target, "not measured", note=_why_not(target, docs))
+
+
+def _why_not(target: Target, docs: list[dict]) -> str:
+    files = _candidates(docs, target.rows)
+    if not files:
+        return f"no {target.rows.device} results of {target.rows.suite}"
+    for doc in files:
+        for note in doc.get("skipped", []):
+            provider = note.split(":", 1)[0]
+            if any(p in provider.split(", ") for p in target.needs):
+                return f"skipped in {doc['path'].name}: {note}"
+    return f"no {target.rows.device} file has these rows"
+
+
+def verdicts(docs: list[dict]) -> list[Verdict]:
+    return [judge(t, docs) for t in TARGETS]
+
+
+def _with_unit(value: float, unit: str) -> str:
+    """A bar: 1.0x, 1.15x, 90%, 450 TFLOP/s."""
+    if unit == "x":
+        text = f"{value:.2f}".rstrip("0")
+        return (text + "0" if text.endswith(".") else text) + "x"
+    return f"{fmt(value)}{'' if unit == '%' else ' '}{unit}"
+
+
+def table(docs: list[dict]) -> list[str]:
+    """The markdown table of every target, and the files its figures came from."""
+    results = verdicts(docs)
+    lines = ["| target | rows | measured | needed | verdict | on |",
+             "|---|---|---:|---:|---|---|"]
+    used = {}
+    for v in results:
+        t = v.target
+        bar = f"{t.op} {_with_unit(t.bar, t.unit)}"
+        verdict = v.verdict if not v.note else f"{v.verdict}: {v.note}"
+        on = "-"
+        if v.doc is not None:
+            used[v.doc["path"]] = v.doc
+            on = v.doc["env"]["device_name"] + (" (partial run)"
+                                                if v.doc.get("complete") is False else "")
+        figure = "-" if v.figure is None else (
+            f"{v.figure:.2f}x" if t.unit == "x" else _with_unit(v.figure, t.unit))
+        lines.append(f"| {t.name} | {t.rows.where()} | {figure} | {bar} | {verdict} | "
+                     f"{on} |")
+    counts = {k: sum(v.verdict.startswith(k) for v in results)
+              for k in ("met", "missed", "not measured")}
+    lines += ["", f"{counts['met']} met, {counts['missed']} missed, {counts['not measured']} "
+              f"not measured, of {len(results)}. Not judged here: {NOT_HERE}."]
+    if used:
+        lines += ["", "Figures from: " + ", ".join(
+            f"`{p.name}` (git `{d['env']['git_sha'][:12]}`)" for p, d in used.items()) + "."]
+    return lines
+
+
+def main(paths: list[str]) -> int:
+    docs = [load(p) for p in expand(paths)]
+    if not docs:
+        print("--verdict: no results files given", flush=True)
+        return 2
+    print("\n".join(table(docs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or [str(Path(__file__).resolve().parent / "results")]))
