@@ -174,7 +174,8 @@ def errors(fwd, inputs, dy, ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """||t - ref|| / ||ref|| of the provider's y and its gradients (x, A, B) in fp32."""
     y = fwd()
     got = (y, *torch.autograd.grad(y, inputs, dy))
-    return {name: float((g.float() - ref[name]).norm() / ref[name].norm().clamp_min(1e-30))
+    return {name: float((g.detach().float() - ref[name]).norm()
+                        / ref[name].norm().clamp_min(1e-30))
             for name, g in zip(OUTPUTS, got)}
 
 

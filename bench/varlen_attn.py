@@ -301,7 +301,7 @@ def reference(x: Inputs, s: Shape) -> dict[str, torch.Tensor]:
 
 def rel_err(t: torch.Tensor, ref: torch.Tensor) -> float:
     """||t - ref|| / ||ref|| in fp32."""
-    return float((t.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    return float((t.detach().float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def errors(run: Run, dout: torch.Tensor, ref: dict[str, torch.Tensor]) -> dict[str, float]:
