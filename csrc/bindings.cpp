@@ -10,10 +10,12 @@
 // (~20 ns per tensor). Like the dispatcher, they bump the version counter of every tensor they
 // write, so autograd still detects an in-place update of a tensor saved for backward. Use them
 // for the eager optimizer step; the ops are what torch.compile, opcheck and the dispatcher see.
+// grads_fit is the optimizer's per-step check that a bucket's grads still fit it.
 
 // torch/csrc/autograd/python_variable.h reads tensors out of Python objects; torch/extension.h
 // would add all of torch's C++ API to the build.
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/headeronly/version.h>
@@ -105,6 +107,24 @@ void adamw_cpu_direct(py::handle params, py::handle grads, py::handle exp_avgs,
   }
 }
 
+// Whether every item of `grads` (a list or tuple) is a dense tensor of `dtype`, contiguous
+// when `contiguous`: the optimizer's per-step check that a bucket's grads still fit it, done
+// here because reading three attributes of a tensor costs ~0.2 us in Python.
+bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
+  if (!THPDtype_Check(dtype.ptr())) {
+    throw py::type_error("dtype must be a torch.dtype");
+  }
+  const at::ScalarType want = reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
+  const UnpackedTensors g(grads, "grads");
+  for (const at::Tensor* t : g.ptrs()) {
+    if (t->scalar_type() != want || t->layout() != at::kStrided ||
+        (contiguous && !t->is_contiguous())) {
+      return false;
+    }
+  }
+  return true;
+}
+
 py::object sum_sq_cpu_direct(py::handle tensors) {
   const UnpackedTensors t(tensors, "tensors");
   at::Tensor out;
@@ -164,4 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("found_inf").none(true), arg("clip_coef").none(true));
   m.def("sum_sq_cpu", &sum_sq_cpu_direct, "torch.ops.fasttrain.sum_sq_cpu without the dispatcher.",
         arg("tensors"));
+  m.def("grads_fit", &grads_fit,
+        "Whether every tensor of grads is dense, of dtype, and contiguous if asked.",
+        arg("grads"), arg("dtype"), arg("contiguous"));
 }

@@ -272,6 +272,50 @@ def test_layouts_are_kept_across_steps_without_state_writes(monkeypatch):
     assert builds.count(opt) == 1 and builds.count(other_opt) == 4
 
 
+@pytest.mark.parametrize("device", devices())
+def test_strided_grads_regroup(device):
+    """A grad that no longer fits the bucket it was grouped in (here a non-contiguous view)
+    makes the next step regroup instead of handing it to a kernel that cannot take it: checked
+    in C++ for the cpu backend, in Python for the others."""
+    params = make_params(device)
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW(params, lr=1e-2)
+    ref = torch.optim.AdamW(refs, lr=1e-2, foreach=False)
+    run_steps(opt, params, 2)
+    run_steps(ref, refs, 2)
+    for optimizer, ps in ((opt, params), (ref, refs)):  # the 2-d grads: transposed views
+        for p, g in zip(ps, random_grads(ps, 2)):
+            p.grad = g.t().contiguous().t() if g.dim() == 2 else g
+        optimizer.step()
+    assert any(not g.is_contiguous() for g in (p.grad for p in params))
+    assert "torch" in {b.backend for b in opt._buckets()}  # what takes strided grads
+    run_steps(opt, params, 1, first=3)
+    run_steps(ref, refs, 1, first=3)
+    for p, r in zip(params, refs):
+        assert_close(p, r, rel=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"),
+                    reason="this torch has no Tensor.grad_dtype (fp32 grads on bf16 params)")
+@pytest.mark.parametrize("device", devices())
+def test_grads_changing_dtype_regroup(device):
+    """bf16 params whose grads turn fp32 (as with an fp32 gradient reduction) are regrouped
+    into a bucket of fp32 grads and still match the reference."""
+    bf16 = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in make_params(device)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in bf16]
+    for p in bf16 + copies:
+        p.grad_dtype = None  # torch checks a grad's dtype against this; None: any
+    opt, oracle = AdamW(bf16, lr=1e-2), AdamW(copies, lr=1e-2, backend="torch")
+    for step, grad_dtype in enumerate((torch.bfloat16, torch.float32, torch.float32)):
+        for optimizer, ps in ((opt, bf16), (oracle, copies)):
+            for p, g in zip(ps, random_grads(ps, step)):
+                p.grad = g.to(grad_dtype)
+            optimizer.step()
+        assert {b.grad_dtype for b in opt._buckets()} == {grad_dtype}
+    for p, r in zip(bf16, copies):
+        assert_close(p.float(), r.float(), rel=1e-2)
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_params_of_a_group_replaced_between_steps(device, backend):
     params, others = make_params(device), make_params(device, seed=1)

@@ -502,9 +502,14 @@ class _Bucket:
         if self.has_dtensor:
             mine = [_local(g) for g in mine]
         dtype, fused = self.grad_dtype, self.backend != "torch"
-        for g in mine:
-            if g.dtype != dtype or g.layout != torch.strided or (fused and not g.is_contiguous()):
+        if self.backend == "cpu":  # the extension is loaded: check in C++ (~0.2 us less a tensor)
+            if not _ext.load()[0].grads_fit(mine, dtype, True):
                 return False
+        else:
+            for g in mine:
+                if (g.dtype != dtype or g.layout != torch.strided
+                        or (fused and not g.is_contiguous())):
+                    return False
         self.grads = mine
         return True
 
