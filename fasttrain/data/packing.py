@@ -103,7 +103,8 @@ def _clip_lengths(lengths: list[int], max_tokens: int, truncate: bool, name: str
     return lengths
 
 
-def _best_fit_decreasing(lengths: list[int], indices: list[int], max_tokens: int) -> list[list[int]]:
+def _best_fit_decreasing(lengths: list[int], indices: list[int],
+                         max_tokens: int) -> list[list[int]]:
     """Longest first, each into the open batch with the least room that still fits it."""
     order = sorted(indices, key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
