@@ -101,8 +101,9 @@ def variants(ctx: Context) -> list[Variant]:
     # is no contender and would take minutes of the device time on 5000x4K.
     backends = ("triton", "cuda") if ctx.cuda else ("cpu", "torch")
     fp32 = {BASELINE: _torch_adamw(fused=True),
-            **{f"fasttrain-{b}": _fasttrain(b) for b in backends},
-            "torch-foreach": _torch_adamw(foreach=True)}
+            **{f"fasttrain-{b}": _fasttrain(b) for b in backends}}
+    if ctx.sizes != "targets":  # no target reads it
+        fp32["torch-foreach"] = _torch_adamw(foreach=True)
     if ctx.sizes in ("full", "tiny"):
         # the for-loop path is torch's default on CPU only (foreach on CUDA)
         fp32 |= ({} if ctx.cuda else {"torch-forloop": _torch_adamw(foreach=False)}) | PEERS

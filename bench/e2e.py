@@ -241,16 +241,18 @@ def run(ctx: Context) -> Iterator[list[dict]]:
     s = setup(ctx)
     steps = make_steps(s, s.timed_steps, s.model["vocab_size"])
     real = sum(len(x) for seqs in steps for x in seqs)
-    # targets: the LoRA fine-tune only (DESIGN's end-to-end target)
-    for run_name in ("lora",) if ctx.sizes == "targets" else ("lora", "full"):
+    # targets: the LoRA fine-tune with the two stacks DESIGN's end-to-end target compares
+    targets = ctx.sizes == "targets"
+    for run_name in ("lora",) if targets else ("lora", "full"):
         base_losses = None
         for stack in STACKS:
-            if run_name == "full" and stack == "+lora":
+            if (run_name == "full" and stack == "+lora") or (
+                    targets and stack not in (BASELINE, "fasttrain")):
                 continue
             try:
                 r = run_stack(ctx, s, run_name, stack, steps)
             except Exception as e:  # noqa: BLE001 - a stack that cannot run is skipped, with why
-                ctx.skip(f"e2e {run_name} {stack}", f"{type(e).__name__}: {e}".splitlines()[0])
+                ctx.skip(stack, f"{run_name} run: {type(e).__name__}: {e}".splitlines()[0])
                 continue
             if stack == BASELINE:
                 base_losses = r["losses"]

@@ -143,10 +143,11 @@ def _leaves(*tensors):
 
 
 def _sum_repeated_kv(t: torch.Tensor, name: str, s: Shape) -> torch.Tensor:
-    """dk/dv of kv heads repeated (repeat_interleave) to nheads: summed back to nheads_k."""
+    """dk/dv of kv heads repeated (repeat_interleave) to nheads: summed back to nheads_k, in
+    fp32 (a bf16 sum would add a rounding of its own to the provider's error)."""
     if name not in ("dk", "dv") or s.nheads == s.nheads_k:
         return t
-    return t.unflatten(1, (s.nheads_k, s.nheads // s.nheads_k)).sum(2)
+    return t.float().unflatten(1, (s.nheads_k, s.nheads // s.nheads_k)).sum(2)
 
 
 def fasttrain(backend: str) -> Provider:

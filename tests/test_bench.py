@@ -189,11 +189,14 @@ def _committed(suite="adamw"):
 
 
 def _copy(doc, path, change=None, env=None):
-    """Write ``doc`` to ``path``, rows changed by ``change(row)`` and env updated by ``env``."""
+    """Write ``doc`` to ``path``, rows changed by ``change(row)`` (which must change one at
+    least, when given) and env updated by ``env``."""
     out = json.loads(doc["path"].read_text())
-    for r in out["rows"]:
-        if change:
+    if change:
+        before = json.dumps(out["rows"])
+        for r in out["rows"]:
             change(r)
+        assert json.dumps(out["rows"]) != before, "the change matched no row"
     out["env"].update(env or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
@@ -265,7 +268,7 @@ def test_compare_noise_not_flagged(tmp_path, capsys):
 def test_compare_warns_on_other_device_and_exit_status(tmp_path):
     doc = _committed()
     old = _copy(doc, tmp_path / "old.json")
-    new = _copy(doc, tmp_path / "new.json", _scale("torch-fused", "step", "5000x4K", 2.0),
+    new = _copy(doc, tmp_path / "new.json", _scale("torch-fused", "step", "50M/200", 2.0),
                 env={"device_name": "Another CPU", "torch": "9.9.9"})
     result = subprocess.run([sys.executable, "-m", "bench", "--compare", str(old), str(new)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -425,6 +428,31 @@ def test_targets_judge_accuracy_too(tmp_path):
     unknown = _results(tmp_path, "none.json", "varlen_attn", "cuda", _attn_rows(None, 3e-3))
     v = _verdicts([unknown])
     assert v[name].verdict == "met" and v[name].note == "accuracy not recorded"
+    # a reference that is exact leaves only the 1e-6 floor: why the reference must compute in
+    # the kernel's dtype (peft's fp32 adapters would be one that does not)
+    exact = _results(tmp_path, "exact.json", "varlen_attn", "cuda", _attn_rows(2e-3, 0.0))
+    assert _verdicts([exact])[name].verdict == "missed (accuracy)"
+
+
+def test_accuracy_references_compute_in_bf16():
+    """The providers bench/targets.py judges fasttrain's accuracy against run in the kernel's
+    dtype: their bf16 errors are bf16-sized on every output (peft, whose LoRA branch runs in
+    fp32 by default, would hold a bf16 kernel to an fp32 bound)."""
+    import torch
+
+    from bench import lora, targets, varlen_attn as va
+    w = dict(M=64, K=96, N=80, r=8, p=0.0)
+    t = lora.make_tensors(w, torch.bfloat16, torch.device("cpu"))
+    ref = lora.reference(t)
+    for name in targets.LORA_ACC["accuracy"]:
+        fwd, inputs = lora.PROVIDERS[name](t, w)
+        errs = lora.errors(fwd, inputs, t["dy"], ref)
+        assert min(errs.values()) > 1e-4, (name, errs)
+    s = va.Shape(4, 2, 32, True, torch.bfloat16)
+    x = va.make_inputs([5, 17, 9], s, torch.device("cpu"))
+    sdpa = va.sdpa_padded(x, s)
+    errs = va.errors(sdpa, sdpa.layout(x.dout), va.reference(x, s))
+    assert "sdpa-padded" in targets.ATTN_ACC["accuracy"] and min(errs.values()) > 1e-4, errs
 
 
 def test_targets_take_the_newest_file_with_the_rows_and_say_why_not(tmp_path):
@@ -476,8 +504,8 @@ def test_targets_mode_plans_every_row_the_verdict_reads(device):
     if device == "cuda":
         for w, s in varlen_attn.plan(ctx):
             label = f"{w} d={s.head_dim} {'causal' if s.causal else 'full'}"
-            planned |= {(label, m, "bfloat16", p) for m in varlen_attn.MODES
-                        for p in ("fasttrain", "torch-varlen", "flex-document-mask")}
+            names = set(varlen_attn.providers(ctx)) | {"torch-varlen"}  # (torch 2.11 has it)
+            planned |= {(label, m, "bfloat16", p) for m in varlen_attn.MODES for p in names}
         planned |= {(lora._name(w), m, "bfloat16", p) for w in lora.workloads(ctx)
                     for m in lora.MODES for p in lora.PROVIDERS}
         assert e2e.setup(ctx).dtype == torch.bfloat16

@@ -45,3 +45,17 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     tail = log[log.index("DESIGN.md's targets, judged"):]
     assert "| target | rows | measured | needed | verdict | on |" in tail
     assert "not measured" in tail and tail.splitlines()[-1].startswith("=== done, status 0")
+
+
+def test_gpu_check_marks_a_step_without_time_failed(tmp_path):
+    """A step the deadline leaves no time for is reported and fails the call (exit 1), as does
+    a background step (the extension build) that fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PY=sys.executable, INSTALL="0", STEPS="bench",
+               SUITES="adamw", BENCH_DEVICE="cpu", DEADLINE="20")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert proc.returncode == 1, log
+    assert "!!! no time left for: " in log and "-m bench --suite adamw" in log
+    assert log.splitlines()[-1].startswith("=== done, status 1")
