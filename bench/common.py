@@ -205,12 +205,16 @@ def _version(package: str) -> str | None:
 
 
 def git_sha() -> str:
+    """HEAD's sha; where there is no git checkout (the copy sent to a lent GPU), the one that
+    ``FASTTRAIN_GIT_SHA`` names (bench/gpu_check.sh sets it from a carried .git_sha)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        out = None
+    if out is not None and out.returncode == 0:
+        return out.stdout.strip()
+    return os.environ.get("FASTTRAIN_GIT_SHA", "").strip() or "unknown"
 
 
 def environment(device: torch.device, argv: list[str]) -> dict:

@@ -4,6 +4,7 @@
 # session gets one full call and, only while the machine is still warm (30 s after a call),
 # one short one (bench/NOTES.md, "Plan of device calls"):
 #
+#   git rev-parse HEAD > .git_sha                  # here first: the results' sha (carry it)
 #   bash bench/gpu_check.sh                        # call 1, timeout_s=600: the default plan
 #   DEADLINE=150 STEPS=bench SUITES=lora BENCH_ARGS=--quick bash bench/gpu_check.sh  # call 2
 #   STEPS=tune bash bench/gpu_check.sh             # the config sweep, in a session of its own
@@ -27,6 +28,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 STEPS=${STEPS:-tests memcheck bench}
+# every test file with gpu-marked tests, in the order they run (tests/test_gpu_scripts.py
+# checks that none is missing)
+GPU_TEST_FILES="tests/test_varlen_attn.py tests/test_lora.py tests/test_integrations_transformers.py
+  tests/test_integrations_trainers.py tests/test_adamw.py"
 DEADLINE=$((SECONDS + ${DEADLINE:-570}))
 TEST_CAP=${TEST_CAP:-200}
 PY=${PY:-python3}
@@ -34,6 +39,12 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 FASTTRAIN_CACHE=${FASTTRAIN_CACHE:-/tmp/fasttrain-cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there: never wait on the hub
+source scripts/cuda_home.sh  # CUDA_HOME for the extension's build, nvcc first on PATH
+PATH="$(dirname "$($PY -c 'import sys; print(sys.executable)')"):$PATH"  # its ninja
+# The results' git sha: the copy sent to the device has no .git (run `git rev-parse HEAD >
+# .git_sha` here and carry .git_sha, or pass FASTTRAIN_GIT_SHA)
+[ -f .git_sha ] && export FASTTRAIN_GIT_SHA=${FASTTRAIN_GIT_SHA:-$(cat .git_sha)}
 status=0
 
 step() { echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
@@ -41,13 +52,13 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 # run LIMIT CMD...: CMD for at most LIMIT seconds, and never past the deadline less 30 s (kept
 # for packing); a failure or a timeout marks the run failed (and returns non-zero, for a run in
 # a background subshell). At the limit CMD gets SIGINT: pytest then still prints its summary
-# (which tests failed, and why) before it exits; 10 s later, SIGKILL.
+# (which tests failed, and why) before it exits (its 8 CUDA workers too); 30 s later, SIGKILL.
 run() {
   local limit=$1; shift
   local left=$((DEADLINE - SECONDS - 30))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -le 0 ]; then echo "!!! no time left for: $*"; status=1; return 1; fi
-  timeout -s INT --kill-after=10 "$limit" "$@"
+  timeout -s INT --kill-after=30 "$limit" "$@"
   local rc=$?
   local why=""
   [ $rc -eq 124 ] && why=" (timed out after $limit s)"
@@ -65,7 +76,12 @@ if [ -f .devcache/devcache.tgz ]; then
     echo "the carried build cache is truncated or corrupt: building from scratch"
   fi
 fi
-[ "${INSTALL:-1}" = 0 ] || run 120 $PY -m pip install -q --no-deps --no-build-isolation -e .
+if [ "${INSTALL:-1}" != 0 ]; then
+  run 120 $PY -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # kernels/ is fasttrain.kernels only through the install's mapping: without it, a link
+  $PY -c "import fasttrain.kernels" 2>/dev/null || ln -sfn ../kernels fasttrain/kernels
+fi
+echo "CUDA_HOME=${CUDA_HOME:-not found}; $(command -v nvcc ninja compute-sanitizer | tr '\n' ' ')"
 nvidia-smi --format=csv \
   --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw
 
@@ -90,7 +106,9 @@ if has memcheck; then
 fi
 
 if has tests; then
-  step "GPU tests (${TESTS:=-m gpu})"
+  # the varlen and LoRA kernels first: the cut at TEST_CAP falls on the AdamW tests, whose
+  # cuda-backend cases wait for the extension's build anyway
+  step "GPU tests (${TESTS:=-m gpu $GPU_TEST_FILES})"
   xdist=()
   $PY -c "import xdist, pytest_timeout" 2>/dev/null && xdist=(-n 8 --timeout 300)
   # shellcheck disable=SC2086  # TESTS is a list of pytest arguments

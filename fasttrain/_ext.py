@@ -108,15 +108,28 @@ def _jit():
     if marker.is_file() and library.is_file():
         return _import_from(library, name), f"cached at {build_dir}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    failed = build_dir / "BUILD_FAILED"
+    waiting_since = time.time()
     with open(build_dir / "fasttrain.flock", "w") as flock:
         if fcntl is not None:  # one builder at a time; released by the kernel if it dies
             fcntl.flock(flock, fcntl.LOCK_EX)
         if marker.is_file() and library.is_file():  # another process built it meanwhile
             return _import_from(library, name), f"cached at {build_dir}"
+        # Another process's build failed while this one waited: the same sources would fail
+        # again (8 test workers would otherwise build one after another). A later process,
+        # which did not wait on that build, tries again.
+        if failed.is_file() and failed.stat().st_mtime >= waiting_since:
+            raise RuntimeError(f"the build failed in another process: {failed.read_text()}")
         # torch's own lock file, left by a build that was killed: only a holder of the flock
         # builds, so it is stale, and torch would wait on it forever
         (build_dir / "lock").unlink(missing_ok=True)
-        return _build(name, csrc, with_cuda, build_dir, marker)
+        try:
+            module = _build(name, csrc, with_cuda, build_dir, marker)
+        except Exception as e:
+            failed.write_text(f"{type(e).__name__}: {e}"[-_MAX_ERROR_CHARS:])
+            raise
+        failed.unlink(missing_ok=True)
+        return module
 
 
 def _build(name, csrc, with_cuda, build_dir, marker):

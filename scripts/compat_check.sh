@@ -28,15 +28,8 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   pytest pytest-benchmark hypothesis peft lightning matplotlib transformers
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
-# the toolkit next to the real nvcc (/usr/local/bin/nvcc may be a wrapper outside it)
-nvcc_path=$(command -v nvcc || true)
-nvcc_home=""
-[ -n "$nvcc_path" ] && nvcc_home=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
-for home in "${CUDA_HOME:-}" /usr/local/cuda "$nvcc_home"
-do
-  if [ -n "$home" ] && [ -f "$home/include/cuda_runtime.h" ]; then export CUDA_HOME=$home; break; fi
-done
-export TORCH_CUDA_ARCH_LIST=9.0 FASTTRAIN_CACHE=$VENV/fasttrain-cache
+source scripts/cuda_home.sh
+export FASTTRAIN_CACHE=$VENV/fasttrain-cache
 echo "CUDA_HOME=${CUDA_HOME:-not found}"
 "$VENV/bin/python" - <<'EOF'
 import sys

@@ -7,7 +7,9 @@ result is compared with the torch reference, so a kernel that reads the wrong me
 faulting fails too. Prints one "ok <case>" line per case; exits 1 on a wrong result. Needs CUDA
 (bench/gpu_check.sh runs it on a lent GPU).
 """
+import contextlib
 import sys
+import traceback
 
 import torch
 
@@ -32,6 +34,17 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     print(f"{status}{name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
 
 
+@contextlib.contextmanager
+def case(name: str):
+    """One case: an exception fails it (reported, counted) and the next case still runs."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - whatever a case raises is its failure
+        failures.append(name)
+        print(f"FAILED {name}: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        traceback.print_exc()
+
+
 def check_fwd_bwd(name: str, fn, ref_fn, inputs, labels, tol: float) -> None:
     """fn against ref_fn on copies of inputs: the output and the inputs' gradients (labels:
     the output's, then each input's)."""
@@ -53,26 +66,31 @@ def adamw_cases() -> None:
                ("cuda", dict(max_grad_norm=0.5, amsgrad=True)),
                ("triton", dict(state_dtype=torch.bfloat16, stochastic_rounding=True))]
     for backend, extra in options:
-        low = "state_dtype" in extra  # bf16 params and states, against fp32 torch
-        gen = torch.Generator(device=DEV).manual_seed(0)
-        ref = [torch.randn(s, device=DEV, generator=gen, requires_grad=True) for s in sizes]
-        params = [r.detach().to(torch.bfloat16 if low else torch.float32).requires_grad_()
-                  for r in ref]
-        if DEV == "cpu" and backend == "cuda":
-            backend = "cpu"
-        opt = AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend, **extra)
-        ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1,
-                                    amsgrad=extra.get("amsgrad", False))
-        for _ in range(3):
-            for p, r in zip(params, ref):
-                r.grad = torch.randn(p.shape, device=DEV, generator=gen)
-                p.grad = r.grad.to(p.dtype)
-            if "max_grad_norm" in extra:
-                torch.nn.utils.clip_grad_norm_(ref, extra["max_grad_norm"])
-            opt.step()
-            ref_opt.step()
-        check(f"adamw {backend} {sorted(extra)}", torch.cat([p.flatten() for p in params]),
-              torch.cat([r.flatten() for r in ref]), 1e-2 if low else 1e-5)
+        with case(f"adamw {backend} {sorted(extra)}"):
+            adamw_case(sizes, backend, extra)
+
+
+def adamw_case(sizes, backend: str, extra: dict) -> None:
+    low = "state_dtype" in extra  # bf16 params and states, against fp32 torch
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    ref = [torch.randn(s, device=DEV, generator=gen, requires_grad=True) for s in sizes]
+    params = [r.detach().to(torch.bfloat16 if low else torch.float32).requires_grad_()
+              for r in ref]
+    if DEV == "cpu" and backend == "cuda":
+        backend = "cpu"
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend, **extra)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1,
+                                amsgrad=extra.get("amsgrad", False))
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            r.grad = torch.randn(p.shape, device=DEV, generator=gen)
+            p.grad = r.grad.to(p.dtype)
+        if "max_grad_norm" in extra:
+            torch.nn.utils.clip_grad_norm_(ref, extra["max_grad_norm"])
+        opt.step()
+        ref_opt.step()
+    check(f"adamw {backend} {sorted(extra)}", torch.cat([p.flatten() for p in params]),
+          torch.cat([r.flatten() for r in ref]), 1e-2 if low else 1e-5)
 
 
 def varlen_cases() -> None:
@@ -84,15 +102,21 @@ def varlen_cases() -> None:
                          (torch.float16, 72, dict(window_size=(17, 5), softcap=20.0)),
                          (torch.float32, 40, dict(causal=True, window_size=(9, 0))),
                          (torch.bfloat16, 256, {})]:
-        gen = torch.Generator(device=DEV).manual_seed(1)
-        q = torch.randn(total, 6, d, device=DEV, dtype=dtype, generator=gen)
-        k, v = (torch.randn(total, 2, d, device=DEV, dtype=dtype, generator=gen)
-                for _ in range(2))
-        check_fwd_bwd(f"varlen_attn {str(dtype)[6:]} d={d} {kw}",
-                      lambda q, k, v: varlen_attention(q, k, v, cu, cu, backend="triton", **kw),
-                      lambda q, k, v: varlen_attention_reference(q, k, v, cu, cu, **kw)[0],
-                      (q, k, v), ("out", "dq", "dk", "dv"),
-                      1e-4 if dtype == torch.float32 else 2e-2)
+        name = f"varlen_attn {str(dtype)[6:]} d={d} {kw}"
+        with case(name):
+            varlen_case(cu, total, dtype, d, kw, name)
+
+
+def varlen_case(cu, total, dtype, d, kw, name) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    q = torch.randn(total, 6, d, device=DEV, dtype=dtype, generator=gen)
+    k, v = (torch.randn(total, 2, d, device=DEV, dtype=dtype, generator=gen)
+            for _ in range(2))
+    check_fwd_bwd(name,
+                  lambda q, k, v: varlen_attention(q, k, v, cu, cu, backend="triton", **kw),
+                  lambda q, k, v: varlen_attention_reference(q, k, v, cu, cu, **kw)[0],
+                  (q, k, v), ("out", "dq", "dk", "dv"),
+                  1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def each_lora_config():
@@ -116,7 +140,8 @@ def each_lora_config():
 
 def lora_cases() -> None:
     for i in each_lora_config():
-        lora_cases_once(f"config {i}")
+        with case(f"lora config {i}"):
+            lora_cases_once(f"config {i}")
 
 
 def lora_cases_once(tag: str) -> None:
@@ -150,9 +175,10 @@ def main() -> int:
     if DEV == "cuda" and not torch.cuda.is_available():
         print("needs CUDA (or --cpu with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    adamw_cases()
+    # the attention and LoRA kernels first: the AdamW cuda cases wait for the extension's build
     varlen_cases()
     lora_cases()
+    adamw_cases()
     if failures:
         print(f"{len(failures)} FAILED: {failures}")
         return 1

@@ -516,3 +516,21 @@ def test_targets_mode_plans_every_row_the_verdict_reads(device):
         for rows, needs in ((t.rows, t.needs), (t.other, t.other_needs)):
             for p in needs if rows else ():
                 assert (rows.workload, rows.mode, rows.dtype, p) in planned, (t.name, p)
+
+
+def test_flex_is_timed_after_the_other_providers_rows(monkeypatch):
+    """FlexAttention compiles for each workload: the other providers' rows of a workload come
+    in a batch of their own before it (a run cut off during the compile keeps them)."""
+    import torch
+
+    from bench import common, varlen_attn as va
+    monkeypatch.setattr(va, "providers", lambda ctx: {"fasttrain-torch": va.fasttrain("torch"),
+                                                      va.FLEX: va.sdpa_padded})
+    ctx = common.Context(torch.device("cpu"), "tiny", reps=2, warmup=1, probe=None)
+    batches = list(va.run(ctx))
+    assert len(batches) == 2 * len(va.plan(ctx))
+    for first, second in zip(batches[::2], batches[1::2]):
+        assert {r["provider"] for r in first} == {"fasttrain-torch"}
+        assert {r["provider"] for r in second} == {va.FLEX}
+        assert {r["workload"] for r in first} == {r["workload"] for r in second}
+        assert all(max(r["rel_err"].values()) < 1e-5 for r in first + second)

@@ -129,6 +129,42 @@ def test_unbuildable_extension_warns_once_and_reports_why(tmp_path, monkeypatch)
         assert _ext.load() == (None, error)  # cached: no second build, no second warning
 
 
+def test_a_failed_build_is_not_repeated_by_the_processes_that_waited_on_it(tmp_path,
+                                                                              monkeypatch):
+    """Loaders waiting on the build lock (pytest workers beside a background build) take the
+    builder's failure instead of each building again; a loader that comes later retries."""
+    import threading
+    import time
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path))
+    calls = []
+
+    def failing_build(*args):
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # the other loader is waiting on the lock meanwhile
+        raise RuntimeError("fasttrain-test-build-failure")
+    monkeypatch.setattr(_ext, "_build", failing_build)
+    errors = []
+
+    def load():
+        try:
+            _ext._jit()
+        except RuntimeError as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=60)
+    assert len(calls) == 1 and len(errors) == 2
+    assert sum(e.startswith("the build failed in another process: RuntimeError: "
+                            "fasttrain-test-build-failure") for e in errors) == 1
+    with pytest.raises(RuntimeError, match="fasttrain-test-build-failure"):
+        _ext._jit()  # a later loader builds again
+    assert len(calls) == 2
+
+
 def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
     # A killed build leaves torch's lock file, on which torch waits forever; only the builder
     # holding fasttrain's flock builds, so it clears the stale file. (A fresh cache: ~30 s.)

@@ -59,3 +59,16 @@ def test_gpu_check_marks_a_step_without_time_failed(tmp_path):
     assert proc.returncode == 1, log
     assert "!!! no time left for: " in log and "-m bench --suite adamw" in log
     assert log.splitlines()[-1].startswith("=== done, status 1")
+
+
+def test_gpu_check_runs_every_file_with_gpu_tests():
+    """bench/gpu_check.sh names the test files in the order it runs them: a gpu-marked test in
+    a file it does not name would never run on a lent GPU."""
+    script = (REPO / "bench" / "gpu_check.sh").read_text()
+    named = script.split('GPU_TEST_FILES="', 1)[1].split('"', 1)[0].split()
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                          "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    files = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+    assert files and files <= set(named), (files - set(named), out.stdout[-2000:])
+    assert all((REPO / f).is_file() for f in named)
