@@ -131,6 +131,11 @@ def measure_peaks(device: torch.device, sizes: str, reps: int) -> dict:
     return {"peak_copy_gbps": gbps, "peak_matmul_tflops": tflops}
 
 
+def rel_err(t: torch.Tensor, ref: torch.Tensor) -> float:
+    """||t - ref|| / ||ref|| in fp32 (``ref`` is fp32): the suites' accuracy figure."""
+    return float((t.detach().float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 # --- timing --------------------------------------------------------------------------------
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.common import Context
+from bench.common import Context, rel_err
 
 BASELINE = "base-linear"
 SEED = 0
@@ -174,9 +174,7 @@ def errors(fwd, inputs, dy, ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """||t - ref|| / ||ref|| of the provider's y and its gradients (x, A, B) in fp32."""
     y = fwd()
     got = (y, *torch.autograd.grad(y, inputs, dy))
-    return {name: float((g.detach().float() - ref[name]).norm()
-                        / ref[name].norm().clamp_min(1e-30))
-            for name, g in zip(OUTPUTS, got)}
+    return {name: rel_err(g, ref[name]) for name, g in zip(OUTPUTS, got)}
 
 
 def _memory(fwd, inputs, dy, device) -> dict:

@@ -20,6 +20,7 @@ out here and named in ``NOT_HERE``. Nothing here imports torch.
 """
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Callable
 from bench.report import expand, fmt, load
 
 ACCURACY_FACTOR, ACCURACY_FLOOR = 2.0, 1e-6
+_OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 
 NOT_HERE = ("AdamW, low precision: the same loss curve on a small LM (a test: "
             "tests/test_adamw.py::test_bf16_training_tracks_fp32_master)")
@@ -187,10 +189,6 @@ def _accuracy(target: Target, by: dict) -> str:
     return ", ".join(off)
 
 
-def _passes(value: float, op: str, bar: float) -> bool:
-    return {">=": value >= bar, "<=": value <= bar, "<": value < bar}[op]
-
-
 def judge(target: Target, docs: list[dict]) -> Verdict:
     for doc in _candidates(docs, target.rows):
         by = _select(doc, target.rows)
@@ -210,7 +208,7 @@ def judge(target: Target, docs: list[dict]) -> Verdict:
             notes.append("accuracy not recorded")
         elif target.fasttrain and _reference_error(target, by) is None:
             notes.append(f"accuracy not judged: no error of {' or '.join(target.accuracy)}")
-        passed = _passes(value, target.op, target.bar)
+        passed = _OPS[target.op](value, target.bar)
         verdict = "missed" if not passed else "missed (accuracy)" if off else "met"
         return Verdict(target, verdict, value, "; ".join(notes), doc)
     return Verdict(target, "not measured", note=_why_not(target, docs))

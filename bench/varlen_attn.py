@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from bench.common import Context
+from bench.common import Context, rel_err
 
 BASELINE = ("torch-varlen", "sdpa-padded")  # the first one present in a workload
 SEED = 0
@@ -301,11 +301,6 @@ def reference(x: Inputs, s: Shape) -> dict[str, torch.Tensor]:
     return {name: torch.cat(ts) for name, ts in parts.items()}
 
 
-def rel_err(t: torch.Tensor, ref: torch.Tensor) -> float:
-    """||t - ref|| / ||ref|| in fp32."""
-    return float((t.detach().float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def errors(run: Run, dout: torch.Tensor, ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """The provider's out, dq, dk, dv against the fp32 reference."""
     out = run.fn(*run.leaves)
@@ -330,10 +325,10 @@ def timed_functions(run: Run, dout: torch.Tensor) -> dict[str, Callable[[], obje
     return {"fwd": forward, "bwd": backward, "fwd+bwd": forward_backward}
 
 
-def measure(ctx: Context, workload: str, s: Shape, chosen: dict[str, Provider]) -> list[dict]:
-    lens = WORKLOADS[workload]()
-    x = make_inputs(lens, s, ctx.device)
-    ref = reference(x, s)
+def measure(ctx: Context, workload: str, s: Shape, x: Inputs, ref: dict[str, torch.Tensor],
+            chosen: dict[str, Provider]) -> list[dict]:
+    """The ``chosen`` providers on inputs ``x`` (``ref``: their fp32 reference), interleaved."""
+    lens = x.lens
     per_mode = {mode: {} for mode in MODES}
     errs = {}
     for name, make in chosen.items():
@@ -349,7 +344,6 @@ def measure(ctx: Context, workload: str, s: Shape, chosen: dict[str, Provider]) 
             continue
         for mode, f in fns.items():
             per_mode[mode][name] = f
-    del ref
     config = {"n_seqs": len(lens), "total_tokens": sum(lens), "max_seqlen": max(lens),
               "nheads": s.nheads, "nheads_k": s.nheads_k, "head_dim": s.head_dim,
               "causal": s.causal, "seed": SEED}
@@ -367,10 +361,6 @@ def measure(ctx: Context, workload: str, s: Shape, chosen: dict[str, Provider]) 
                   "timing": "cuda-events" if ctx.cuda else "perf_counter",
                   "rel_err": errs[name], "rel_err_reference": "fp32 (upcast inputs)"}
                  for name in fns]
-    del x, per_mode
-    gc.collect()
-    if ctx.cuda:
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -380,6 +370,13 @@ def run(ctx: Context) -> Iterator[list[dict]]:
     off during its compile keeps them."""
     for workload, shape in plan(ctx):
         found = providers(ctx)
-        yield measure(ctx, workload, shape, {k: v for k, v in found.items() if k != FLEX})
+        x = make_inputs(WORKLOADS[workload](), shape, ctx.device)
+        ref = reference(x, shape)
+        yield measure(ctx, workload, shape, x, ref,
+                      {k: v for k, v in found.items() if k != FLEX})
         if FLEX in found:
-            yield measure(ctx, workload, shape, {FLEX: found[FLEX]})
+            yield measure(ctx, workload, shape, x, ref, {FLEX: found[FLEX]})
+        del x, ref
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
