@@ -196,7 +196,11 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
                 offs_d, start, end, len_q, len_k, diag, window_left, window_right, qk_scale,
                 softcap, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-                WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                RAW_MAX: tl.constexpr):
+    # RAW_MAX (no softcap, qk_scale > 0): max(s) * scale = max(s * scale), so the row max is
+    # taken on the raw scores and the scale goes into exp2's argument: one FMA a score instead
+    # of a multiply and a subtraction.
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -204,18 +208,23 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, k_start,
                        HEAD_DIM, BLOCK_D, UPCAST)
         v = _load_tile(v_base, k_start + cols, stride_vt, offs_d, cols < len_k, MASKED,
                        HEAD_DIM, BLOCK_D, UPCAST)
-        s, _ = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        if RAW_MAX:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            sc = qk_scale
+        else:
+            s, _ = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+            sc = 1.0
         if MASKED:
             ok = _visible(rows[:, None], cols[None, :], len_q, len_k, diag, window_left,
                           window_right, False, WINDOW_LEFT, WINDOW_RIGHT)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
             # a row that has seen no key yet keeps max -inf: subtract 0 instead (exp2 -> 0)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
             m_sub = m_new
-        p = tl.exp2(s - m_sub[:, None])
+        p = tl.exp2(s * sc - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = tl.dot(_operand(p, v, UPCAST), v, input_precision=PRECISION)
@@ -232,7 +241,7 @@ def _varlen_attn_fwd_kernel(
     qk_scale, softcap, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one sequence x one head.
     pid = tl.program_id(0)
@@ -267,7 +276,7 @@ def _varlen_attn_fwd_kernel(
                                     k_start, rows, offs_n, offs_d, start, end, len_q, len_k, diag,
                                     window_left, window_right, qk_scale, softcap, r != 1,
                                     HEAD_DIM, BLOCK_N, BLOCK_D, SOFTCAP, WINDOW_LEFT,
-                                    WINDOW_RIGHT, UPCAST, PRECISION)
+                                    WINDOW_RIGHT, UPCAST, PRECISION, RAW_MAX)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -631,7 +640,8 @@ def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float
         n_tiles, nheads, nheads // nheads_k, total_q, total_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        qk_scale, cap, window_left, window_right, **flags, **cfg)
+        qk_scale, cap, window_left, window_right, RAW_MAX=not flags["SOFTCAP"] and qk_scale > 0,
+        **flags, **cfg)
     return out, lse
 
 

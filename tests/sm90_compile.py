@@ -155,9 +155,10 @@ def check_varlen_attn_kernels(dtype, head_dim, **flags):
                          ("dq", varlen_attn._varlen_attn_bwd_dq_kernel)):
         cfg = dict(cfgs[kind])
         sig, attrs = _varlen_sig(kernel, dtype)
-        out = compile_sm90(kernel, sig, dict(consts, BLOCK_M=cfg["BLOCK_M"],
-                                             BLOCK_N=cfg["BLOCK_N"]),
-                           cfg["num_warps"], cfg["num_stages"], attrs)
+        shape = dict(consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        if kind == "fwd":  # the launcher's choice for a positive softmax_scale
+            shape["RAW_MAX"] = not consts["SOFTCAP"]
+        out = compile_sm90(kernel, sig, shape, cfg["num_warps"], cfg["num_stages"], attrs)
         if dtype != "fp32" and head_dim <= 128:  # Hopper's tensor-core path for every dot
             ptx = out.asm["ptx"]
             assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx, (kind, dtype, head_dim)

@@ -122,6 +122,16 @@ def test_matches_reference(device, dtype, mask):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("softmax_scale", [-0.3, 0.0])
+def test_nonpositive_softmax_scale(device, softmax_scale):
+    # the forward takes the row max on the raw scores for a positive scale only: a negative
+    # one makes it the min (masked scores: -inf * -0.3 = inf), and 0 * -inf is nan
+    lens = sizes(device, [5, 70, 33], [1000, 2049, 7])
+    check_against_reference(*make(lens, lens, 4, 2, 64, torch.bfloat16, device), causal=True,
+                            softmax_scale=softmax_scale)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("softcap", [50.0, 500.0])
 def test_fp32_softcap_much_larger_than_the_scores(device, softcap):
     # tanh of small arguments: 1 - 2 / (e + 1) alone was 8x (softcap 50) to 100x (500) off
