@@ -8,6 +8,7 @@
 #   bash bench/gpu_check.sh                        # call 1, timeout_s=600: the default plan
 #   DEADLINE=150 STEPS=bench SUITES=lora BENCH_ARGS=--quick bash bench/gpu_check.sh  # call 2
 #   STEPS=tune bash bench/gpu_check.sh             # the config sweep, in a session of its own
+#   STEPS=profile bash bench/gpu_check.sh          # Nsight Compute, one launch of each kernel
 #
 # The default plan, in one deadline (DEADLINE seconds from the start, default 570): install
 # fasttrain (no network there: torch, triton, pytest, xdist are in the image), build the
@@ -135,6 +136,32 @@ fi
 if has tune; then
   step "varlen attention config sweep"
   run 560 $PY -m bench.tune --out "$OUT/tune" ${TUNE_ARGS:-}
+fi
+
+if has profile; then
+  # A later session's step (STEPS=profile, alone or with tests: its three files with the
+  # benchmarks' four, the log and the cache would pass the 8 files that come back): one
+  # launch of each kernel family under
+  # Nsight Compute, clocks left alone (the device tool's METHOD.md), the sections that say
+  # where a kernel's time goes. Back come the report (open it with `ncu --import`), its
+  # details page as text and CSV, and a table of the main figures in the log.
+  step "Nsight Compute: one launch of each kernel family (bench/profile.py)"
+  if command -v ncu > /dev/null; then
+    # shellcheck disable=SC2086  # PROFILE_ARGS is a list
+    run "${PROFILE_CAP:-300}" ncu --clock-control none --profile-from-start off -f \
+      -o "$OUT/profile" --section SpeedOfLight --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis $PY -m bench.profile ${PROFILE_ARGS:-}
+    if [ -f "$OUT/profile.ncu-rep" ]; then
+      ncu --import "$OUT/profile.ncu-rep" --page details > "$OUT/ncu_details.txt"
+      ncu --import "$OUT/profile.ncu-rep" --page details --csv > "$OUT/ncu_details.csv"
+      $PY -m bench.profile --summary "$OUT/ncu_details.csv" || status=1
+    else
+      echo "!!! ncu wrote no report"; status=1
+    fi
+  else
+    echo "!!! ncu not found"; status=1
+  fi
 fi
 
 if compgen -G "$OUT/*.json" > /dev/null; then  # before the packing, which may run out of time

@@ -72,3 +72,60 @@ def test_gpu_check_runs_every_file_with_gpu_tests():
     files = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
     assert files and files <= set(named), (files - set(named), out.stdout[-2000:])
     assert all((REPO / f).is_file() for f in named)
+
+
+# A stand-in for Nsight Compute (there is none here): it records its arguments, runs the
+# profiled command (what follows its options) and writes the report; --import prints a details
+# page, as CSV with a message line before the header as ncu prints them
+FAKE_NCU = r"""#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/../ncu_args"
+if [ "$1" = --import ]; then
+  if [[ " $* " == *" --csv "* ]]; then
+    echo '==PROF== a message before the header'
+    echo '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"'
+    echo '"0","_adamw_kernel(long)","GPU Speed Of Light Throughput","Duration","usecond","12.5"'
+    echo '"0","_adamw_kernel(long)","Launch Statistics","Registers Per Thread","reg","40"'
+  else
+    echo "details page"
+  fi
+  exit 0
+fi
+report=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    -o) report=$2; shift 2;;
+    --clock-control|--profile-from-start|--section) shift 2;;
+    -f) shift;;
+    *) break;;
+  esac
+done
+"$@" && touch "$report.ncu-rep"
+"""
+
+
+def test_gpu_check_profile_step_with_a_stand_in_ncu(tmp_path):
+    """The profile step's wiring: ncu gets its options, runs bench/profile.py (tiny sizes,
+    Triton under the interpreter), the report's details come back as text and CSV, and the
+    table of the CSV's figures is in the log."""
+    (tmp_path / "bin").mkdir()
+    ncu = tmp_path / "bin" / "ncu"
+    ncu.write_text(FAKE_NCU)
+    ncu.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PY=sys.executable, INSTALL="0", STEPS="profile",
+               PROFILE_ARGS="--tiny --only adamw lora", TRITON_INTERPRET="1", DEADLINE="500",
+               PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+               FASTTRAIN_CACHE=os.path.expanduser(os.environ.get("FASTTRAIN_CACHE",
+                                                                 "~/.cache/fasttrain")),
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_check.log").read_text()
+    assert proc.returncode == 0, log
+    first = (tmp_path / "ncu_args").read_text().splitlines()[0]
+    assert "--clock-control none --profile-from-start off" in first
+    assert "--section WarpStateStats" in first and "-m bench.profile --tiny" in first
+    assert "profiled adamw: " in log and "profiled lora: " in log
+    assert "| 0 | _adamw_kernel | 12.5 usecond | - | - | - | 40 reg | - | - |" in log
+    assert (out / "ncu_details.txt").read_text() == "details page\n"
+    assert (out / "profile.ncu-rep").exists()
