@@ -97,11 +97,11 @@ def profile(names: list[str], tiny: bool) -> None:
             continue
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaProfilerStart()
+            torch.cuda.profiler.start()  # cudaProfilerStart
         step()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaProfilerStop()
+            torch.cuda.profiler.stop()
         print(f"profiled {name}: {what}{' (at tiny sizes)' if tiny else ''}", flush=True)
 
 
