@@ -127,6 +127,23 @@ def test_lora_linear_matches_reference(dtype, lead, K, N, r, bias, weight_grad):
     check_lora("cpu", dtype, lead, K, N, r, bias=bias, weight_grad=weight_grad)
 
 
+def test_zero_in_features():
+    # nn.Linear(0, N) is legal: y is the bias, every gradient is empty or zero (the rows of x
+    # cannot be inferred from reshape(-1, 0))
+    for backend in ("torch", "triton"):
+        x = torch.randn(2, 4, 0, requires_grad=True)
+        w, b = torch.randn(3, 0), torch.randn(3)
+        a, bb = torch.randn(2, 0, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+        y = ops.lora_linear(x, w, b, a, bb, 2.0, backend=backend)
+        y.sum().backward()
+        assert torch.equal(y, b.expand(2, 4, 3)), backend
+        assert x.grad.shape == x.shape and a.grad.shape == a.shape
+        assert torch.equal(bb.grad, torch.zeros_like(bb)), backend
+        index = torch.zeros(2, 4, dtype=torch.int64)
+        y = ops.lora_linear_multi(x, w, b, a[None], bb[None], index, 2.0, backend=backend)
+        assert torch.equal(y, b.expand(2, 4, 3)), backend
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,K,N,r", [((17,), 70, 45, 8), ((130,), 100, 60, 16)])
 def test_lora_linear_dropout_matches_reference_with_same_mask(dtype, lead, K, N, r, fixed_seed):

@@ -215,6 +215,11 @@ def _autocast(*tensors):
                  and t.dtype != torch.float64 else t for t in tensors)
 
 
+def _rows(x, K):
+    """x (..., K) as (M, K); reshape(-1, K) cannot infer M when K is 0."""
+    return x.reshape(x.shape[:-1].numel(), K)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, backend=None):
     """y = x W^T + b + scaling * dropout(x) A^T B^T.
 
@@ -231,7 +236,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     if _choose_backend(backend, x.device) == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     y, _ = torch.ops.fasttrain.lora_linear_fwd(
-        x.reshape(-1, K), weight, bias, lora_A, lora_B, _seed(dropout_p, x.device), None,
+        _rows(x, K), weight, bias, lora_A, lora_B, _seed(dropout_p, x.device), None,
         float(scaling), float(dropout_p), r)
     return y.reshape(*x.shape[:-1], N)
 
@@ -267,6 +272,6 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_index, scaling, d
     a_cat = lora_A.reshape(n_adapters * r, K)
     b_cat = lora_B.permute(1, 0, 2).reshape(N, n_adapters * r)
     y, _ = torch.ops.fasttrain.lora_linear_fwd(
-        x.reshape(-1, K), weight, bias, a_cat, b_cat, _seed(dropout_p, x.device),
+        _rows(x, K), weight, bias, a_cat, b_cat, _seed(dropout_p, x.device),
         adapter_index.reshape(-1).contiguous(), float(scaling), float(dropout_p), r)
     return y.reshape(*x.shape[:-1], N)
