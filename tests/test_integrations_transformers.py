@@ -198,6 +198,55 @@ def test_generation_with_a_static_cache_matches_sdpa(left_padding):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def bart_models():
+    """(sdpa, fasttrain) tiny Bart models with the same random weights: an encoder-decoder
+    (encoder self-attention, decoder self-attention, cross-attention)."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=1,
+                                  decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                  attention_dropout=0.0, activation_dropout=0.0)
+    cls = transformers.BartForConditionalGeneration
+    ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    fast = cls._from_config(copy.deepcopy(cfg), attn_implementation="fasttrain").eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("dec_len", [5, 12])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cross_attention_matches_sdpa(dec_len, padded):
+    # the encoder's mask must neither cut the encoder keys to the decoder's length (no
+    # padding) nor pick the decoder's queries (padding; at equal lengths too)
+    ref, fast = bart_models()
+    gen = torch.Generator().manual_seed(7)
+    enc = torch.randint(3, 100, (2, 12), generator=gen)
+    dec = torch.randint(3, 100, (2, dec_len), generator=gen)
+    mask = torch.ones_like(enc)
+    if padded:
+        mask[0, 8:] = 0  # right padding
+        mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        got, expected = (m(input_ids=enc, attention_mask=mask, decoder_input_ids=dec).logits
+                         for m in (fast, ref))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_decoder_generation_matches_sdpa():
+    ref, fast = bart_models()
+    enc = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(enc)
+    mask[0, 9:] = 0
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=1, output_scores=True,
+                  return_dict_in_generate=True)
+    got = fast.generate(enc, attention_mask=mask, **kwargs)
+    expected = ref.generate(enc, attention_mask=mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_of_one_with_offset_positions_and_inference_mode():
     ref, fast = models("llama")
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))

@@ -6,7 +6,9 @@
 
 Three input layouts reach the attention function, as with FlashAttention 2 in transformers:
 - a padded batch with a 2-D attention mask: the tokens are unpadded, attended as packed
-  sequences and padded back (padding positions get zeros);
+  sequences and padded back (padding positions get zeros); in non-causal attention without a
+  window only the keys are unpadded and every query attends, as with sdpa (cross-attention's
+  mask is the encoder's: it does not say which decoder tokens are real);
 - a packed row from ``DataCollatorWithFlattening``: ``cu_seq_lens_q/k`` in the model kwargs
   (``return_flash_attn_kwargs=True``; no host sync), or position ids restarting at 0 (one host
   read per forward, shared by all layers);
@@ -51,14 +53,16 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                  mask_function=None, attention_mask: torch.Tensor | None = None,
                  device=None, **kwargs) -> torch.Tensor | None:
     """FlashAttention 2's mask (the 2-D padding mask, or None when there is no padding), except
-    that keys beyond the tokens seen so far (the empty slots of a static cache) are masked too:
-    transformers' generate() drops all-ones masks for implementations it does not know as
-    flash, which would otherwise let queries attend to those slots."""
+    that in causal masks keys beyond the tokens seen so far (the empty slots of a static cache)
+    are masked too: transformers' generate() drops all-ones masks for implementations it does
+    not know as flash, which would otherwise let queries attend to those slots. Bidirectional
+    masks (transformers passes them ``allow_is_bidirectional_skip``) are left as they are:
+    for cross-attention, kv_length is the encoder's length, not a cache's."""
     from transformers.masking_utils import flash_attention_mask
 
     mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 mask_function, attention_mask, **kwargs)
-    if mask is None:
+    if mask is None and "allow_is_bidirectional_skip" not in kwargs:
         seen = int(q_offset) + q_length  # a tensor for static caches: one host read
         if seen < kv_length:
             mask = torch.ones(batch_size, seen, dtype=torch.bool, device=device)
@@ -149,13 +153,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if (cu_q is None) != (cu_k is None):
         raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be given together")
+    flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
     if attention_mask is not None:  # padded batch (keys past the mask: empty cache slots)
         k, v = k[:, :attention_mask.shape[-1]], v[:, :attention_mask.shape[-1]]
         q_index, cu_q, k_index, cu_k = _unpad_data(attention_mask, q_len)
-        out = attend(q.reshape(-1, *q.shape[2:])[q_index], k.reshape(-1, *k.shape[2:])[k_index],
-                     v.reshape(-1, *v.shape[2:])[k_index], cu_q, cu_k)
+        k_packed = k.reshape(-1, *k.shape[2:])[k_index]
+        v_packed = v.reshape(-1, *v.shape[2:])[k_index]
+        if not causal and window == (-1, -1):
+            # every query attends, as with sdpa: in cross-attention the mask is the encoder's,
+            # which says nothing of the decoder's queries (even at equal lengths); for an
+            # encoder's own padded queries this costs their compute only
+            out = attend(flat[0], k_packed, v_packed, _arange_cu(batch, q_len, q.device), cu_k)
+            return out.view(batch, q_len, nheads, v_dim), None
+        # the queries are the mask's last q_len tokens (padding on either side; with a cache,
+        # left padding, as FlashAttention 2's path assumes)
+        out = attend(flat[0][q_index], k_packed, v_packed, cu_q, cu_k)
         return pad(out, q_index, batch, q_len), None
-    flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
     if cu_q is not None:  # packed sequences, FlashAttention kwargs
         out = attend(*flat, cu_q.int(), cu_k.int())
         return out.view(batch, q_len, nheads, v_dim), None
