@@ -310,14 +310,24 @@ def _varlen_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                 q_start, cols, offs_m, offs_d, start, end, len_q, len_k, diag, window_left,
-                 window_right, qk_scale, softcap, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
-                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    for start_m in range(start, end, BLOCK_M):
+def _dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, first_head, group,
+                 stride_qh, stride_doh, total_q, stride_qt, stride_dot, q_start, cols, offs_m,
+                 offs_d, start, end, len_q, len_k, diag, window_left, window_right, qk_scale,
+                 softcap, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                 WINDOW_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The query blocks [start, end) of every query head of the GQA group in one loop (head g,
+    # block start_m as counters): one pipeline fill and drain for the group instead of one per
+    # head, which short sequences (a few blocks a head) would pay in full.
+    g = start * 0
+    start_m = start
+    for _ in range(0, tl.cdiv(end - start, BLOCK_M) * group):
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        head = first_head + g
+        q_base = q_ptr + head * stride_qh
+        do_base = do_ptr + head * stride_doh
+        lse_base = lse_ptr + head * total_q
+        delta_base = delta_ptr + head * total_q
         rows = start_m + offs_m
         row_ok = rows < len_q
         q = _load_tile(q_base, q_start + rows, stride_qt, offs_d, row_ok, MASKED, HEAD_DIM,
@@ -344,6 +354,10 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk += tl.dot(_operand(dst, q, UPCAST), q, input_precision=PRECISION)
+        start_m += BLOCK_M
+        wrap = start_m >= end
+        start_m = tl.where(wrap, start, start_m)
+        g = tl.where(wrap, g + 1, g)
     return dk, dv
 
 
@@ -384,19 +398,14 @@ def _varlen_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _query_range(n_start, len_q, diag, window_left, window_right,
                                             BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    for g in range(group):
-        head = kv_head * group + g
-        q_base = q_ptr + head * stride_qh
-        do_base = dout_ptr + head * stride_doh
-        lse_base = lse_ptr + head * total_q
-        delta_base = delta_ptr + head * total_q
-        for r in tl.static_range(3):
-            start, end = _region(r, lo, full_lo, full_hi, hi)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                  stride_dot, q_start, cols, offs_m, offs_d, start, end, len_q,
-                                  len_k, diag, window_left, window_right, qk_scale, softcap,
-                                  r != 1, HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT,
-                                  WINDOW_RIGHT, UPCAST, PRECISION)
+    for r in tl.static_range(3):
+        start, end = _region(r, lo, full_lo, full_hi, hi)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptr, dout_ptr, lse_ptr, delta_ptr,
+                              kv_head * group, group, stride_qh, stride_doh, total_q, stride_qt,
+                              stride_dot, q_start, cols, offs_m, offs_d, start, end, len_q, len_k,
+                              diag, window_left, window_right, qk_scale, softcap, r != 1,
+                              HEAD_DIM, BLOCK_M, BLOCK_D, SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
+                              UPCAST, PRECISION)
     _store_tile(dk_ptr + kv_head * stride_dkh, k_start + cols, stride_dkt, offs_d, col_ok,
                 dk * sm_scale, HEAD_DIM, UPCAST)
     _store_tile(dv_ptr + kv_head * stride_dvh, k_start + cols, stride_dvt, offs_d, col_ok, dv,
