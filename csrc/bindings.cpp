@@ -10,7 +10,8 @@
 // (~20 ns per tensor). Like the dispatcher, they bump the version counter of every tensor they
 // write, so autograd still detects an in-place update of a tensor saved for backward. Use them
 // for the eager optimizer step; the ops are what torch.compile, opcheck and the dispatcher see.
-// grads_fit is the optimizer's per-step check that a bucket's grads still fit it.
+// grads_fit and data_ptrs are the optimizer's per-step checks that a bucket's grads still fit
+// it and that its cached device table still points at the storage of its tensors.
 
 // torch/csrc/autograd/python_variable.h reads tensors out of Python objects; torch/extension.h
 // would add all of torch's C++ API to the build.
@@ -21,6 +22,7 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -105,6 +107,9 @@ void adamw_cpu_direct(py::handle params, py::handle grads, py::handle exp_avgs,
   for (const UnpackedTensors* written : {&p, &m, &v, &vmax, &master, &step}) {
     written->bump_versions();
   }
+  if (inv != nullptr) {  // the grads were written back unscaled
+    g.bump_versions();
+  }
 }
 
 // Whether every item of `grads` (a list or tuple) is a dense tensor of `dtype`, contiguous
@@ -123,6 +128,20 @@ bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
     }
   }
   return true;
+}
+
+// The data pointers of the tensors of the given lists, in order, as the bytes of an array of
+// uint64 (~25 ns a tensor, against ~70 for t.data_ptr() in Python). A tensor whose storage was
+// replaced (`t.data = ...`) shows a new pointer.
+py::bytes data_ptrs(py::args lists) {
+  std::vector<uint64_t> out;
+  for (py::handle list : lists) {
+    const UnpackedTensors t(list, "tensors");
+    for (const at::Tensor* tensor : t.ptrs()) {
+      out.push_back(reinterpret_cast<uint64_t>(tensor->data_ptr()));
+    }
+  }
+  return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(uint64_t));
 }
 
 py::object sum_sq_cpu_direct(py::handle tensors) {
@@ -187,4 +206,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grads_fit", &grads_fit,
         "Whether every tensor of grads is dense, of dtype, and contiguous if asked.",
         arg("grads"), arg("dtype"), arg("contiguous"));
+  m.def("data_ptrs", &data_ptrs,
+        "The data pointers of the tensors of the given lists, as the bytes of a uint64 array.");
 }

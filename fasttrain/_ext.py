@@ -35,6 +35,7 @@ _loaded = False
 _module = None
 _error: str | None = None
 _status = "not loaded yet"
+_probed = None  # load(build=False): whether a build was found (None: not looked yet)
 
 _MAX_ERROR_CHARS = 6000
 
@@ -154,11 +155,26 @@ def _build(name, csrc, with_cuda, build_dir, marker):
     return module, f"built in {seconds:.1f} s at {build_dir}"
 
 
-def load():
-    """``(module, None)`` if the extension is usable, else ``(None, why)``. Cached."""
-    global _loaded, _module, _error, _status
+def _built() -> bool:
+    """Whether load() would only import the extension (prebuilt, or a cached JIT build)."""
+    if importlib.util.find_spec("fasttrain._C") is not None:
+        return True
+    name, build_dir = jit_build_dir()
+    return (build_dir / "BUILD_OK").is_file() and (build_dir / f"{name}.so").is_file()
+
+
+def load(build: bool = True):
+    """``(module, None)`` if the extension is usable, else ``(None, why)``. Cached. With
+    ``build=False`` an extension that would first have to be compiled is not: ``(None, why)``
+    (looked up once per process; a later ``load()`` still builds it)."""
+    global _loaded, _module, _error, _status, _probed
     if _loaded:
         return _module, _error
+    if not build:
+        if _probed is None:
+            _probed = _built()
+        if not _probed:
+            return None, "not built yet"
     with _lock:
         if _loaded:
             return _module, _error

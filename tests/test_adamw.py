@@ -45,10 +45,15 @@ def random_grads(params, step, scale=1.0):
     return [(torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype) for p in params]
 
 
-def run_steps(opt, params, steps, first=0):
+def run_steps(opt, params, steps, first=0, in_place=False):
+    """``steps`` steps on seeded random grads: new grad tensors each step, or copied into the
+    existing ones (``in_place``: the storage of every tensor a step reads stays the same)."""
     for i in range(first, first + steps):
         for p, g in zip(params, random_grads(params, i)):
-            p.grad = g
+            if in_place and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g
         opt.step()
 
 
@@ -227,25 +232,34 @@ def test_state_dict_round_trips(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
-@pytest.mark.parametrize("reset", ["new_dict", "clear", "entry", "step"])
+@pytest.mark.parametrize("reset", ["new_dict", "clear", "entry", "step", "data"])
 def test_state_changed_by_hand_is_seen(device, backend, reset):
     """The optimizer reuses the tensors it found; a state replaced or reset by hand between
-    steps must still be what the next step reads and updates, as in torch."""
+    steps must still be what the next step reads and updates, as in torch. ("data": the
+    storage of the same state tensors swapped, as offloading code does with `t.data = ...`;
+    the old storage is kept alive so that a stale kernel table writes there, not to freed
+    memory.)"""
     params = make_params(device)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = AdamW(params, lr=1e-2, backend=backend)
     ref = torch.optim.AdamW(ref_params, lr=1e-2)
+    old_storage = []
     for optimizer, ps in ((opt, params), (ref, ref_params)):
-        run_steps(optimizer, ps, 3)
+        run_steps(optimizer, ps, 3, in_place=True)
+        if reset == "data":
+            for p in ps:
+                for t in optimizer.state[p].values():
+                    old_storage.append(t.data)
+                    t.data = t.data.clone()
         if reset == "new_dict":
             optimizer.state = collections.defaultdict(dict)
         elif reset == "clear":
             optimizer.state.clear()
         elif reset == "entry":
             optimizer.state[ps[0]] = {}
-        else:  # a new step tensor (bias correction restarts)
+        elif reset == "step":  # a new step tensor (bias correction restarts)
             optimizer.state[ps[0]]["step"] = torch.tensor(0.0)
-        run_steps(optimizer, ps, 2, first=3)
+        run_steps(optimizer, ps, 2, first=3, in_place=True)
     for p, r in zip(params, ref_params):
         assert_close(p, r, rel=1e-6)
         assert opt.state[p]["step"].item() == ref.state[r]["step"].item()
@@ -382,6 +396,47 @@ def test_channels_last_state_loads_into_a_contiguous_param(device, backend):
     assert_close(param, ref_param, rel=1e-6)
 
 
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_load_state_dict_hooks_act_as_in_torch(master_weights):
+    """A pre-hook's returned dict is what loads, and a post-hook's writes stay (both as in
+    torch.optim.AdamW); the fp32 master copies still load exactly."""
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    src = make_params("cpu", dtype)
+    source = AdamW(src, lr=1e-2, master_weights=master_weights)
+    run_steps(source, src, 2)
+    saved = copy.deepcopy(source.state_dict())
+
+    def pre_hook(_, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = state_dict["state"][0]["exp_avg"] * 2
+        return state_dict
+
+    def post_hook(opt):
+        p = opt.param_groups[0]["params"][1]
+        opt.state[p]["exp_avg_sq"] = torch.full_like(opt.state[p]["exp_avg_sq"], 7.0)
+
+    for cls in (AdamW, torch.optim.AdamW):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in src]
+        kwargs = dict(master_weights=master_weights) if cls is AdamW else {}
+        opt = cls(params, lr=1e-2, **kwargs)
+        opt.register_load_state_dict_pre_hook(pre_hook)
+        opt.register_load_state_dict_post_hook(post_hook)
+        opt.load_state_dict(copy.deepcopy(saved))
+        fp32_states = cls is AdamW and master_weights  # torch casts states to bf16
+        doubled = saved["state"][0]["exp_avg"] * 2
+        exp_avg = opt.state[params[0]]["exp_avg"]
+        assert torch.equal(exp_avg, doubled if fp32_states else doubled.to(dtype)), cls
+        assert exp_avg.dtype == (torch.float32 if fp32_states else dtype)
+        assert (opt.state[params[1]]["exp_avg_sq"] == 7).all(), cls
+        if fp32_states:
+            for i, p in enumerate(params):
+                master = opt.state[p]["master_param"]
+                assert master.dtype == torch.float32
+                assert torch.equal(master, saved["state"][i]["master_param"])
+        assert list(opt._optimizer_load_state_dict_pre_hooks.values()) == [pre_hook]
+        assert list(opt._optimizer_load_state_dict_post_hooks.values()) == [post_hook]
+
+
 def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
     params = make_params("cpu")
     opt = AdamW(params, lr=1e-2)
@@ -432,6 +487,71 @@ def test_fp16_params_on_cpu_use_the_reference_unless_forced(monkeypatch):
     assert torch.equal(p, ref)
     with pytest.raises(RuntimeError, match="backend 'cpu' has no kernel for torch.float16"):
         AdamW([p], lr=1e-2, backend="cpu").step()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1), dict(amsgrad=True, maximize=True),
+                                    dict(max_grad_norm=0.5)])
+def test_float64_and_complex_params_match_torch(device, dtype, kwargs):
+    """Dtypes without a fused kernel take the reference path, computed in the param's own
+    precision (complex as its real view), as torch.optim.AdamW does; the fused backends
+    refuse them by name."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(33, 17), (5,), (1025,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(device))
+              for s in shapes]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = dict(kwargs)
+    max_norm = kwargs.pop("max_grad_norm", None)
+    opt = AdamW(params, lr=1e-2, max_grad_norm=max_norm, **kwargs)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, **kwargs)
+    for step in range(5):
+        grads = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in shapes]
+        for p, r, grad in zip(params, ref_params, grads):
+            p.grad, r.grad = grad.clone(), grad.clone()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(ref_params, max_norm)
+        opt.step()
+        ref.step()
+    tol = 1e-12 if dtype in (torch.float64, torch.complex128) else 1e-5
+    for p, r in zip(params, ref_params):
+        assert p.dtype == dtype and opt.state[p]["exp_avg"].dtype == dtype
+        assert_close(torch.view_as_real(p) if p.is_complex() else p,
+                     torch.view_as_real(r) if r.is_complex() else r, rel=tol)
+    fused = ["cpu", "triton"] if device == "cpu" else ["triton", "cuda"]
+    for backend in fused:
+        if backend == "triton" and device == "cpu" and not _backend.interpret_mode():
+            continue
+        with pytest.raises(RuntimeError, match=f"backend {backend!r} has no kernel for {dtype}"):
+            AdamW(params, backend=backend).step()
+
+
+def test_a_param_listed_twice_is_refused():
+    """torch warns that duplicates will become an error; a fused step would race on them."""
+    a, b = (torch.nn.Parameter(torch.randn(4)) for _ in range(2))
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = AdamW([a, b, a])
+    with pytest.raises(ValueError, match=r"param group 0 lists the same tensor twice \(params 0 "
+                                         r"and 2\)"):
+        opt.step()
+    opt = AdamW([a, b])
+    opt.step()
+    opt.param_groups[0]["params"].append(b)  # added by hand after a step
+    with pytest.raises(ValueError, match=r"\(params 1 and 2\)"):
+        opt.step()
+
+
+def test_params_that_are_not_floating_point_are_refused():
+    p = torch.nn.Parameter(torch.arange(4), requires_grad=False)
+    p.grad = torch.ones(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="floating point or complex params, got torch.int64"):
+        AdamW([p]).step()
+    z = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    z.grad = torch.randn(4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="state_dtype=torch.bfloat16 is for real params"):
+        AdamW([z], state_dtype=torch.bfloat16).step()
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
@@ -575,6 +695,26 @@ def test_low_precision_modes_match_the_reference_elementwise(device, backend, va
             else:
                 assert_close(p, r, rel=1e-6, name=name)
         assert_rounded_alike(rounded, f"step {step}")
+
+
+def test_the_rounding_seed_is_drawn_only_for_stochastic_rounding():
+    """Without stochastic rounding the optimizer leaves torch's global RNG alone (swapping the
+    import must not change a seeded run); with it, the seed follows torch.manual_seed."""
+    def draws_after(**kwargs):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, dtype=kwargs.pop("dtype", torch.float32)))
+        p.grad = torch.randn_like(p)
+        opt = AdamW([p], **kwargs)
+        opt.step()
+        return torch.rand(4), opt.seed
+
+    untouched, _ = draws_after(backend="torch", stochastic_rounding=False)
+    assert torch.equal(untouched, draws_after(backend="torch", dtype=torch.bfloat16)[0])
+    _, seed = draws_after(backend="torch", stochastic_rounding=False)
+    assert seed is None
+    after_sr, seed = draws_after(backend="cpu", dtype=torch.bfloat16, stochastic_rounding=True)
+    assert not torch.equal(untouched, after_sr) and isinstance(seed, int)
+    assert draws_after(backend="cpu", dtype=torch.bfloat16, stochastic_rounding=True)[1] == seed
 
 
 def sr_backend_cases():
@@ -835,6 +975,16 @@ def test_step_bumps_version_counters(device, backend):
     AdamW([p], backend=backend).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    # the grads too when the step writes them back unscaled (GradScaler), and only then
+    for scale in (None, 4.0):
+        p.grad = grad = torch.randn_like(p)
+        opt = AdamW([p], backend=backend)
+        if scale is not None:
+            opt.grad_scale = torch.tensor(scale, device=device)
+            opt.found_inf = torch.tensor(0.0, device=device)
+        before = grad._version
+        opt.step()
+        assert (grad._version > before) == (scale is not None), scale
 
 
 def test_automatic_fallback_to_reference_warns(monkeypatch):

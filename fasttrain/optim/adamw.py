@@ -20,6 +20,7 @@ Works with ``torch.amp.GradScaler`` through the fused-optimizer protocol (the sc
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 
@@ -28,7 +29,9 @@ from torch.optim import Optimizer
 
 from fasttrain import _backend, _ext
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels' param dtypes
+_HALF_DTYPES = (torch.bfloat16, torch.float16)  # the ones master_weights keeps an fp32 copy of
+_DOUBLE_DTYPES = (torch.float64, torch.complex128)  # computed in fp64 (torch backend)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _CONFIG = ("max_grad_norm", "master_weights", "stochastic_rounding", "state_dtype", "backend",
            "seed", "last_grad_norm", "_step_supports_amp_scaling", "_decoupled")
@@ -198,9 +201,7 @@ class AdamW(Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.state_dtype = state_dtype
         self.backend = _backend.requested(backend)
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.seed = seed
+        self.seed = seed  # stochastic rounding's; drawn from torch's RNG when first needed
         self.last_grad_norm = None
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
@@ -243,11 +244,23 @@ class AdamW(Optimizer):
         return out
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
         # torch casts every floating state to the param's dtype on load: restore fp32 master
-        # copies and the configured state dtype from the source tensors. A state_dict from
-        # torch.optim.AdamW keeps `step` on the CPU (or as a number in old ones): move it where
-        # this optimizer's kernels read it.
+        # copies and the configured state dtype from the source tensors, those of the dict that
+        # torch loads (after the user's pre-hooks), before the user's post-hooks run.
+        loaded = {}
+        handles = [
+            self.register_load_state_dict_pre_hook(lambda _, sd: loaded.update(sd=sd)),  # last
+            self.register_load_state_dict_post_hook(
+                lambda _: self._restore_loaded_state(loaded["sd"]), prepend=True)]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _restore_loaded_state(self, state_dict):
+        # A state_dict from torch.optim.AdamW keeps `step` on the CPU (or as a number in old
+        # ones): it moves where this optimizer's kernels read it.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -271,7 +284,7 @@ class AdamW(Optimizer):
         return self.state_dtype or p.dtype
 
     def _has_master(self, p):
-        return self.master_weights and p.dtype != torch.float32
+        return self.master_weights and p.dtype in _HALF_DTYPES
 
     def _init_state(self, p, amsgrad):
         state = self.state[p]
@@ -316,7 +329,8 @@ class AdamW(Optimizer):
         if found_inf is not None:
             found_infs = {b.device: found_inf.to(b.device, torch.float32, non_blocking=True)
                           for b in buckets}
-        clip_coefs = self._clip_coefs(buckets, inv_scales) if self.max_grad_norm else {}
+        clip64 = self._clip_coefs(buckets, inv_scales) if self.max_grad_norm else {}
+        clip32 = {device: coef.float() for device, coef in clip64.items()}
 
         for b in buckets:
             group = b.group
@@ -325,15 +339,18 @@ class AdamW(Optimizer):
             if isinstance(lr, torch.Tensor) and (b.device.type == "cpu" or lr.device != b.device
                                                  or b.backend in ("cpu", "torch")):
                 lr = float(lr)  # a CPU scalar read (no device sync) or the reference path
+            stochastic = (self.stochastic_rounding and not b.has_master
+                          and b.param_dtype == torch.bfloat16)
+            if stochastic and self.seed is None:  # reproducible under torch.manual_seed
+                self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
             _STEP_FNS[b.backend](
                 self, b, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
                 decoupled=group.get("decoupled_weight_decay", self._decoupled),
-                amsgrad=group["amsgrad"], maximize=group["maximize"],
-                stochastic=self.stochastic_rounding and not b.has_master
-                and b.param_dtype == torch.bfloat16,
-                seed=self.seed, inv_scale=inv_scales.get(b.device),
-                found_inf=found_infs.get(b.device), clip_coef=clip_coefs.get(b.device))
+                amsgrad=group["amsgrad"], maximize=group["maximize"], stochastic=stochastic,
+                seed=self.seed if stochastic else 0, inv_scale=inv_scales.get(b.device),
+                found_inf=found_infs.get(b.device),
+                clip_coef=(clip64 if b.param_dtype in _DOUBLE_DTYPES else clip32).get(b.device))
         return loss
 
     def _buckets(self):
@@ -368,16 +385,27 @@ class AdamW(Optimizer):
         return out
 
     def _group_buckets(self, gi, group):
+        params = group["params"]
+        if len(set(map(id, params))) != len(params):
+            first = {}
+            i, j = next((first[id(p)], j) for j, p in enumerate(params)
+                        if first.setdefault(id(p), j) != j)
+            raise ValueError(f"fasttrain AdamW: param group {gi} lists the same tensor twice "
+                             f"(params {i} and {j}); a fused step would update it twice at once. "
+                             "List each parameter once.")
         by_key = defaultdict(list)
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             g = p.grad
             if g is None:
                 continue
             if g.is_sparse:
                 raise RuntimeError("fasttrain AdamW does not support sparse gradients")
-            if p.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"fasttrain AdamW supports params of dtype {_FLOAT_DTYPES}, "
-                                f"got {p.dtype}")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"fasttrain AdamW updates floating point or complex params, "
+                                f"got {p.dtype} (param {i} of group {gi})")
+            if p.is_complex() and self.state_dtype is not None:
+                raise TypeError(f"fasttrain AdamW: state_dtype={self.state_dtype} is for real "
+                                f"params; param {i} of group {gi} is {p.dtype}")
             state = self._init_state(p, group["amsgrad"])
             lp = _local(p)
             _check_state(i, lp, state)
@@ -411,6 +439,9 @@ class AdamW(Optimizer):
         if not flat_ok:
             _backend.log_once("adamw", "torch", "non-contiguous params or grads")
             return "torch"
+        if p_dtype not in _FLOAT_DTYPES:
+            _backend.log_once("adamw", "torch", f"{p_dtype} params")
+            return "torch"
         if device.type == "cuda":
             candidates = ("triton", "cuda")
         elif device.type == "cpu":
@@ -430,8 +461,8 @@ class AdamW(Optimizer):
         return "torch"
 
     def _clip_coefs(self, buckets, inv_scales):
-        """Per device: min(1, max_grad_norm / (||unscaled grads|| + 1e-6)), all on the device.
-        The sums of squares are fp64 and unscaled there."""
+        """Per device: min(1, max_grad_norm / (||unscaled grads|| + 1e-6)), all on the device,
+        in fp64 (fp32 for the kernels). The sums of squares are fp64 and unscaled there."""
         sum_sq = None
         sharded_sum_sq = None
         for b in buckets:
@@ -449,8 +480,8 @@ class AdamW(Optimizer):
             group = _shard_group([b for b in buckets if b.sharded])
             dist.all_reduce(sharded_sum_sq, group=group)
             sum_sq = sharded_sum_sq if sum_sq is None else sum_sq + sharded_sum_sq.to(sum_sq.device)
-        total_norm = sum_sq.sqrt().float()
-        self.last_grad_norm = total_norm
+        total_norm = sum_sq.sqrt()
+        self.last_grad_norm = total_norm.float()
         coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
         return {b.device: coef.to(b.device, non_blocking=True) for b in buckets}
 
@@ -513,27 +544,38 @@ class _Bucket:
         self.grads = mine
         return True
 
-    def mark_written(self):
-        """Bump the autograd version counters of what a kernel wrote through raw pointers, as
-        the dispatcher does for in-place ops (so a param saved for backward is caught)."""
+    def mark_written(self, grads):
+        """Bump the autograd version counters of what a kernel wrote through raw pointers (the
+        grads too if it wrote them back unscaled), as the dispatcher does for in-place ops (so
+        a param saved for backward is caught)."""
         torch.autograd.graph.increment_version(
             self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs
-            + self.masters + self.steps)
+            + self.masters + self.steps + (self.grads if grads else []))
 
     def table(self, cache, chunk):
-        """The Triton/CUDA device table, rebuilt only when a tensor's storage changed."""
+        """The Triton/CUDA device table, rebuilt when the storage of one of its tensors changed
+        (states included: `state["exp_avg"].data = ...` swaps it under the same tensor)."""
         from fasttrain.kernels import adamw as kernels
 
-        ptrs = (self.generation, bool(self.max_exp_avg_sqs),
-                tuple(t.data_ptr() for t in self.grads), tuple(t.data_ptr() for t in self.params))
-        key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype)
+        lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                 self.masters, self.steps)
+        key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
+               self.has_master)
         hit = cache.get(key)
-        if hit is not None and hit[0] == ptrs:
-            return hit[1]
-        built = kernels.build_table(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
-                                    self.max_exp_avg_sqs, self.masters, self.steps, chunk)
-        cache[key] = (ptrs, built)
+        if hit is not None and hit[0] == self.generation and hit[1] == _data_ptrs(lists):
+            return hit[2]
+        built = kernels.build_table(*lists, chunk)
+        cache[key] = (self.generation, _data_ptrs(lists), built)
         return built
+
+
+def _data_ptrs(lists):
+    """The data pointers of the tensors of ``lists``, comparable with ==: in C++ when the
+    extension is built (~25 ns a tensor), else in Python (~70 ns)."""
+    module, _ = _ext.load(build=False)
+    if module is not None:
+        return module.data_ptrs(*lists)
+    return tuple(map(torch.Tensor.data_ptr, itertools.chain.from_iterable(lists)))
 
 
 def _check_state(index, p, state):
@@ -550,11 +592,16 @@ def _check_state(index, p, state):
 
 def _dtype_reason(backend, p_dtype, g_dtype, s_dtype):
     """None if ``backend`` updates params of p_dtype with grads of g_dtype and states of
-    s_dtype, else why not (the C++ kernels' dtype cases)."""
-    wide = (torch.float32, torch.bfloat16)
-    params = {"cpu": wide, "cuda": _FLOAT_DTYPES}.get(backend)
-    if params is None:  # torch, triton: every float dtype
+    s_dtype, else why not (the kernels' dtype cases; torch: every floating and complex dtype)."""
+    if backend == "torch":
         return None
+    if backend == "triton":
+        if {p_dtype, g_dtype, s_dtype} <= set(_FLOAT_DTYPES):
+            return None
+        return (f"has no kernel for {p_dtype} params with {g_dtype} grads and {s_dtype} states "
+                f"(each of {', '.join(map(str, _FLOAT_DTYPES))})")
+    wide = (torch.float32, torch.bfloat16)
+    params = {"cpu": wide, "cuda": _FLOAT_DTYPES}[backend]
     if p_dtype not in params or s_dtype not in wide or g_dtype not in (p_dtype, torch.float32):
         return (f"has no kernel for {p_dtype} params with {g_dtype} grads and {s_dtype} states "
                 f"(params {', '.join(map(str, params))}; states float32 or bfloat16; grads the "
@@ -587,7 +634,9 @@ def _shard_group(buckets):
 
 def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
                 stochastic, seed, inv_scale, found_inf, clip_coef):
-    """Reference: torch.optim.AdamW's single-tensor update, op for op (host syncs allowed)."""
+    """Reference: torch.optim.AdamW's single-tensor update, op for op (host syncs allowed).
+    16-bit tensors are computed in fp32, fp64 ones in fp64, complex ones as their real views
+    (as torch does)."""
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = float(lr)
@@ -595,7 +644,13 @@ def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgr
             zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps)):
         step_t += 1
         step = step_t.item()
-        g = grad if grad.dtype == torch.float32 else grad.float()
+        vmax_state = b.max_exp_avg_sqs[i] if amsgrad else None
+        if param.is_complex():
+            param, grad, exp_avg, exp_avg_sq = map(torch.view_as_real,
+                                                   (param, grad, exp_avg, exp_avg_sq))
+            vmax_state = None if vmax_state is None else torch.view_as_real(vmax_state)
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        g = grad.to(dtype)
         if inv_scale is not None:
             g = g * inv_scale
             grad.copy_(g)  # the unscaled grads stay in .grad, as torch's fused optimizers do
@@ -603,21 +658,18 @@ def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgr
             g = g * clip_coef
         if maximize:
             g = -g
-        p = b.masters[i] if b.has_master else (param if param.dtype == torch.float32
-                                                  else param.float())
+        p = b.masters[i] if b.has_master else param.to(dtype)
         if decoupled:
             p.mul_(1 - lr * weight_decay)
         elif weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
-        m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
-        v = exp_avg_sq if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.float()
+        m, v = exp_avg.to(dtype), exp_avg_sq.to(dtype)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = lr / (1 - beta1 ** step)
         bc2_sqrt = (1 - beta2 ** step) ** 0.5
         if amsgrad:
-            vmax_state = b.max_exp_avg_sqs[i]
-            vmax = torch.maximum(vmax_state.float(), v)
+            vmax = torch.maximum(vmax_state.to(dtype), v)
             vmax_state.copy_(vmax)
             denom = (vmax.sqrt() / bc2_sqrt).add_(eps)
         else:
@@ -640,7 +692,8 @@ def stochastic_round_bf16(x):
 
 def _sum_sq_torch(opt, b):
     """fp64 sum of squares (the squares of GradScaler-scaled grads can pass the fp32 range)."""
-    return torch.stack(torch._foreach_norm(b.grads, 2, dtype=torch.float64)).square().sum()
+    grads = [torch.view_as_real(g) if g.is_complex() else g for g in b.grads]
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
 
 
 def _step_triton(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
@@ -656,7 +709,7 @@ def _step_triton(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsg
                        stochastic=stochastic, seed=seed, inv_scale=inv_scale,
                        found_inf=found_inf, clip_coef=clip_coef, aligned=aligned, chunk=chunk,
                        block=block, num_warps=num_warps)
-    b.mark_written()
+    b.mark_written(grads=inv_scale is not None)
 
 
 def _sum_sq_triton(opt, b):
@@ -697,7 +750,7 @@ def _step_cuda(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgra
         table, n_tensors, n_chunks, chunk, 0.0 if lr_tensor is not None else float(lr),
         lr_tensor, beta1, beta2, eps, weight_decay, b.param_dtype, b.grad_dtype, b.state_dtype,
         decoupled, amsgrad, maximize, b.has_master, inv_scale, found_inf, clip_coef)
-    b.mark_written()
+    b.mark_written(grads=inv_scale is not None)
 
 
 _STEP_FNS = {"torch": _step_torch, "triton": _step_triton, "cpu": _step_cpu, "cuda": _step_cuda}
