@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttrain.kernels.common import on_device_of_first_arg
 from fasttrain.kernels.common import round_to_bf16_bits as _round_to_bf16_bits
 
 TABLE_ROWS = tl.constexpr(8)
@@ -236,6 +237,7 @@ def launch_config(interpret: bool):
     return 65536, 2048, 1 if interpret else 8
 
 
+@on_device_of_first_arg
 def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_decay,
                param_dtype, grad_dtype, state_dtype, decoupled, amsgrad, maximize,
                has_master, stochastic, seed, inv_scale, found_inf, clip_coef, aligned, chunk,
@@ -265,6 +267,7 @@ def adamw_step(table, n_tensors, n_chunks, *, lr, beta1, beta2, eps, weight_deca
     )
 
 
+@on_device_of_first_arg
 def sum_sq(table, n_tensors, n_chunks, partials, *, grad_dtype, chunk, block, num_warps):
     """partials[i] (fp64) = sum of squares of chunk i's gradient (one launch)."""
     _sum_sq_kernel[(n_chunks,)](table, n_tensors, partials, GRAD_DTYPE=_tl_dtype(grad_dtype),

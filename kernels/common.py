@@ -1,6 +1,31 @@
 """Triton helpers shared by kernel families."""
+import contextlib
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+
+def on_device_of_first_arg(launcher):
+    """Run ``launcher`` with the CUDA device of its first argument (a tensor) current.
+
+    Triton launches on the current device and its current stream, whatever device the
+    arguments are on; torch ops and custom_op add no device guard. Without this, tensors on
+    cuda:1 while cuda:0 is current would be read by a kernel on GPU 0, on GPU 0's stream."""
+    @functools.wraps(launcher)
+    def guarded(first, *args, **kwargs):
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+    return guarded
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` if that is not the current device already, else a no-op."""
+    if device.type == "cuda" and device.index is not None \
+            and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit

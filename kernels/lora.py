@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttrain.kernels.common import device_guard, on_device_of_first_arg
 from fasttrain.kernels.common import round_to_bf16_bits as _round_to_bf16_bits
 
 
@@ -293,6 +294,7 @@ def _no_seed(device):
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 
+@on_device_of_first_arg
 def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
     """out (M, R) fp32 = scale * dropout(x) l^T, zero outside each row's adapter columns.
 
@@ -317,6 +319,7 @@ def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
     return out
 
 
+@on_device_of_first_arg
 def lora_gemm(x, w, s, l, bias=None, *, scale=1.0, dropout_p=0.0, seed=None, out=None):
     """out (M, N) = x w^T + scale * keep/(1-p) * (s l^T) + bias, in x's dtype.
 
@@ -354,6 +357,7 @@ def _n_sms(device):
     return 1
 
 
+@on_device_of_first_arg
 def lora_tall(g, x, *, scale=1.0, dropout_p=0.0, seed=None, split=None):
     """out (R, K) fp32 = scale * g^T dropout(x); g: (M, R) fp32, x: (M, K).
 
@@ -395,7 +399,9 @@ def dropout_keep_mask(seed, shape, p, device):
     out = torch.empty(shape, dtype=torch.int8, device=device)
     block = 1 << 16 if _interpret() else 1024
     if numel:
-        _lora_dropout_mask_kernel[(triton.cdiv(numel, block),)](seed, out, numel, p, BLOCK=block)
+        with device_guard(out.device):
+            _lora_dropout_mask_kernel[(triton.cdiv(numel, block),)](seed, out, numel, p,
+                                                                     BLOCK=block)
     return out.bool()
 
 

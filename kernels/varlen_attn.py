@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import triton
 import triton.language as tl
 
-from fasttrain.kernels.common import round_to_bf16_bits
+from fasttrain.kernels.common import on_device_of_first_arg, round_to_bf16_bits
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -624,6 +624,7 @@ def _flags(q: torch.Tensor, softmax_scale: float, softcap: float, window_left: i
     return flags, qk_scale, cap
 
 
+@on_device_of_first_arg
 def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float,
                     window_left: int, window_right: int, softcap: float,
                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -654,6 +655,7 @@ def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float
     return out, lse
 
 
+@on_device_of_first_arg
 def varlen_attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *,
                     softmax_scale: float, window_left: int, window_right: int, softcap: float,
                     config: dict | None = None):
