@@ -918,6 +918,45 @@ def test_automatic_backend_on_cpu_is_the_cpu_kernel():
     assert [b.backend for b in opt._buckets()] == ["cpu"]
 
 
+def test_what_a_cuda_graph_cannot_capture_is_a_clear_error(monkeypatch):
+    """Checked before anything is captured (here with the capture faked on CPU tensors)."""
+    import fasttrain.optim.adamw as adamw_module
+
+    params = make_params("cpu")
+    run_steps(AdamW(params, backend="torch"), params, 1)  # grads exist
+    monkeypatch.setattr(adamw_module, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="torch reference path .* cannot be captured"):
+        AdamW(params, backend="torch").step()
+    with pytest.raises(RuntimeError, match="on cpu; a CUDA graph captures CUDA work only"):
+        AdamW(params, backend="cpu").step()
+    # the table of a step whose tensors changed since the last eager step
+    if _backend.interpret_mode():
+        monkeypatch.setattr(adamw_module, "_check_capturable", lambda buckets: None)
+        with pytest.raises(RuntimeError, match="built inside the capture"):
+            AdamW(params, backend="triton").step()
+
+
+@pytest.mark.gpu
+def test_capture_with_uncapturable_settings_fails_clearly():
+    params = make_params("cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    cases = [(AdamW(params, lr=torch.tensor(1e-2)), "tensor on cpu; a CUDA graph would freeze"),
+             (AdamW(params, backend="torch"), "cannot be captured in a CUDA graph")]
+    for opt, message in cases:
+        opt.step()  # warm-up
+        with pytest.raises(RuntimeError, match=message):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                opt.step()
+    opt = AdamW(params)
+    opt.step()
+    for p in params:  # re-allocated grads: zero_grad(set_to_none=True), then backward
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="built inside the capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+
+
 @pytest.mark.gpu
 def test_cuda_graph_capture_of_step():
     params = make_params("cuda")

@@ -329,6 +329,8 @@ class AdamW(Optimizer):
         if found_inf is not None:
             found_infs = {b.device: found_inf.to(b.device, torch.float32, non_blocking=True)
                           for b in buckets}
+        if any(_capturing(b.device) for b in buckets):
+            _check_capturable(buckets)
         clip64 = self._clip_coefs(buckets, inv_scales) if self.max_grad_norm else {}
         clip32 = {device: coef.float() for device, coef in clip64.items()}
 
@@ -564,9 +566,43 @@ class _Bucket:
         hit = cache.get(key)
         if hit is not None and hit[0] == self.generation and hit[1] == _data_ptrs(lists):
             return hit[2]
+        if _capturing(self.device):
+            # Its host-to-device copy would be captured, reading a temporary pinned buffer on
+            # every replay.
+            raise RuntimeError(
+                "fasttrain AdamW: the tensors of this step (params, grads or states) are not "
+                "those of the last step before the CUDA graph capture, so the device table its "
+                "kernels read would have to be built inside the capture. Keep them allocated "
+                "across the capture: e.g. zero_grad(set_to_none=False) before capturing, after "
+                "a warm-up step that created the grads.")
         built = kernels.build_table(*lists, chunk)
         cache[key] = (self.generation, _data_ptrs(lists), built)
         return built
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_capturable(buckets):
+    """Clear errors, before anything is captured, for what a CUDA graph cannot hold."""
+    for b in buckets:
+        if b.backend == "torch":
+            raise RuntimeError(
+                f"fasttrain AdamW: {len(b.params)} {b.param_dtype} params of group "
+                f"{b.group_index} on {b.device} take the torch reference path (non-contiguous "
+                "params, grads or states, or a dtype without a kernel), which reads the step "
+                "counts on the host and cannot be captured in a CUDA graph")
+        if b.device.type != "cuda":
+            raise RuntimeError(
+                f"fasttrain AdamW: params of group {b.group_index} are on {b.device}; a CUDA "
+                "graph captures CUDA work only (their update would run once, at capture)")
+        lr = b.group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != b.device:
+            raise RuntimeError(
+                f"fasttrain AdamW: the lr of group {b.group_index} is a tensor on {lr.device}; "
+                f"a CUDA graph would freeze its value at capture. Put it on {b.device} (the "
+                "params' device) to change it between replays, or pass a number")
 
 
 def _data_ptrs(lists):
