@@ -273,6 +273,15 @@ def _sdpa(query, key, value, mask):
     return out.transpose(1, 2)
 
 
+def test_multimodal_rope_positions_are_not_read_as_packing():
+    """(3, 1, L) position ids (one row per rope section, as Qwen2-VL's transformers 4 passes
+    them) are one sequence, not three packed ones over 3L tokens."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    position_ids = torch.arange(12).expand(3, 1, 12)
+    torch.testing.assert_close(_attend(q, k, v, position_ids=position_ids), _sdpa(q, k, v, None))
+
+
 def test_bidirectional_sliding_window_is_two_sided():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 12, 16, generator=gen, dtype=torch.float64) for _ in range(3))

@@ -173,7 +173,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = attend(*flat, cu_q.int(), cu_k.int())
         return out.view(batch, q_len, nheads, v_dim), None
     position_ids = kwargs.get("position_ids")
-    if batch == 1 and q_len == k.shape[1] and position_ids is not None:
+    # one row of position ids per token only (not multimodal rope's (3, 1, L) positions, which
+    # transformers 5 replaces here by the text positions)
+    if (batch == 1 and q_len == k.shape[1] and position_ids is not None
+            and position_ids.numel() == q_len):
         cu = _packed_cu(position_ids)
         if cu is not None:  # packed row, sequences found from the position ids
             return attend(*flat, cu, cu)[None], None
