@@ -396,6 +396,45 @@ def test_channels_last_state_loads_into_a_contiguous_param(device, backend):
     assert_close(param, ref_param, rel=1e-6)
 
 
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("memory_format, shapes", [
+    (torch.channels_last, [(8, 3, 5, 7), (4, 6, 3, 3), (2, 1, 3, 3)]),
+    (torch.channels_last_3d, [(4, 3, 2, 5, 7), (2, 6, 3, 3, 3)])])
+def test_channels_last_params_run_on_the_kernels(device, backend, memory_format, shapes):
+    """Conv weights in channels_last (their grads and states follow the params' strides) are
+    updated as flat arrays by every backend, not sent to the torch path; a grad of other
+    strides regroups there (automatic backend) or is refused (a fused backend forced)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, memory_format=memory_format))
+              for s in shapes]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW(params, lr=1e-2, amsgrad=True, backend=backend, max_grad_norm=1.0)
+    ref = torch.optim.AdamW(refs, lr=1e-2, amsgrad=True)
+    for step in range(4):
+        for p, r in zip(params, refs):
+            p.grad = torch.randn(p.shape, generator=g).to(device, memory_format=memory_format)
+            r.grad = p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(refs, 1.0)
+        opt.step()
+        ref.step()
+    assert {b.backend for b in opt._buckets()} == {backend}
+    for p, r in zip(params, refs):
+        assert p.is_contiguous(memory_format=memory_format)
+        assert opt.state[p]["exp_avg"].stride() == p.stride()
+        assert_close(p, r, rel=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_close(opt.state[p][key], ref.state[r][key], rel=1e-5, name=key)
+    params[0].grad = params[0].grad.contiguous()  # other strides than its param
+    if backend == "torch":
+        opt.step()
+    else:
+        with pytest.raises(RuntimeError, match="same strides"):
+            opt.step()
+        auto = AdamW(params, lr=1e-2)
+        auto.step()
+        assert {b.backend for b in auto._buckets()} == {"torch", backends_for(device)[1]}
+
+
 @pytest.mark.parametrize("master_weights", [False, True])
 def test_load_state_dict_hooks_act_as_in_torch(master_weights):
     """A pre-hook's returned dict is what loads, and a post-hook's writes stay (both as in

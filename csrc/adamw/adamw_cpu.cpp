@@ -263,13 +263,23 @@ std::vector<const at::Tensor*> pointers(at::TensorList list) {
   return out;
 }
 
-void check_dense_cpu(const at::Tensor& t, const char* what, size_t i) {
+// The kernel updates every tensor as a flat array: each must fill its memory span (contiguous,
+// or in another memory format such as channels_last), and a param's grad and states must lay
+// their elements out in the param's order (both contiguous, or the param's strides).
+void check_dense_cpu(const at::Tensor& t, const char* what, size_t i,
+                     const at::Tensor* param = nullptr) {
   TORCH_CHECK(t.defined(), "adamw_cpu_: ", what, "[", i, "] is undefined");
   TORCH_CHECK(t.device().is_cpu(), "adamw_cpu_: ", what, "[", i,
               "] must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.layout() == at::kStrided, "adamw_cpu_: ", what, "[", i,
               "] must be a dense (strided) tensor");
-  TORCH_CHECK(t.is_contiguous(), "adamw_cpu_: ", what, "[", i, "] must be contiguous");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), "adamw_cpu_: ", what, "[", i,
+              "] must be contiguous or in another dense memory format (channels_last)");
+  if (param != nullptr) {
+    TORCH_CHECK((t.is_contiguous() && param->is_contiguous()) || t.strides() == param->strides(),
+                "adamw_cpu_: ", what, "[", i, "] has strides ", t.strides(), ", params[", i,
+                "] has ", param->strides(), ": both must be contiguous or have the same strides");
+  }
 }
 
 void check_list_len(const Tensors& list, size_t n, const char* what) {
@@ -330,27 +340,27 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
     TORCH_CHECK(pt == at::kFloat || pt == at::kBFloat16, "adamw_cpu_: params[", i,
                 "] must be float32 or bfloat16, got ", dtype_name(pt));
     const int64_t numel = p.numel();
-    check_dense_cpu(grads[i], "grads", i);
+    check_dense_cpu(grads[i], "grads", i, &p);
     const at::ScalarType gt = grads[i].scalar_type();
     TORCH_CHECK(gt == pt || gt == at::kFloat, "adamw_cpu_: grads[", i,
                 "] must have the param's dtype (", dtype_name(pt), ") or float32, got ",
                 dtype_name(gt));
     TORCH_CHECK(grads[i].numel() == numel, "adamw_cpu_: grads[", i, "] has ", grads[i].numel(),
                 " elements, params[", i, "] has ", numel);
-    check_dense_cpu(exp_avgs[i], "exp_avgs", i);
+    check_dense_cpu(exp_avgs[i], "exp_avgs", i, &p);
     const at::ScalarType st = exp_avgs[i].scalar_type();
     TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, "adamw_cpu_: exp_avgs[", i,
                 "] must be float32 or bfloat16, got ", dtype_name(st));
     TORCH_CHECK(exp_avgs[i].numel() == numel, "adamw_cpu_: exp_avgs[", i, "] has ",
                 exp_avgs[i].numel(), " elements, params[", i, "] has ", numel);
-    check_dense_cpu(exp_avg_sqs[i], "exp_avg_sqs", i);
+    check_dense_cpu(exp_avg_sqs[i], "exp_avg_sqs", i, &p);
     TORCH_CHECK(exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: exp_avg_sqs[", i,
                 "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
                 dtype_name(exp_avg_sqs[i].scalar_type()));
     TORCH_CHECK(exp_avg_sqs[i].numel() == numel, "adamw_cpu_: exp_avg_sqs[", i, "] has ",
                 exp_avg_sqs[i].numel(), " elements, params[", i, "] has ", numel);
     if (amsgrad) {
-      check_dense_cpu(max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+      check_dense_cpu(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, &p);
       TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: max_exp_avg_sqs[", i,
                   "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
                   dtype_name(max_exp_avg_sqs[i].scalar_type()));
@@ -359,7 +369,7 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
                   numel);
     }
     if (has_master) {
-      check_dense_cpu(masters[i], "masters", i);
+      check_dense_cpu(masters[i], "masters", i, &p);
       TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "adamw_cpu_: masters[", i,
                   "] must be float32, got ", dtype_name(masters[i].scalar_type()));
       TORCH_CHECK(masters[i].numel() == numel, "adamw_cpu_: masters[", i, "] has ",
@@ -503,7 +513,8 @@ at::Tensor sum_sq_cpu_refs(TensorPtrs tensors_) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided,
                 "sum_sq_cpu: tensors[", i, "] must be a dense CPU tensor");
-    TORCH_CHECK(t.is_contiguous(), "sum_sq_cpu: tensors[", i, "] must be contiguous");
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), "sum_sq_cpu: tensors[", i,
+                "] must be contiguous or in another dense memory format (channels_last)");
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
                 "sum_sq_cpu: tensors[", i, "] must be float32 or bfloat16, got ",
                 dtype_name(t.scalar_type()));
