@@ -405,7 +405,8 @@ def test_channels_last_params_run_on_the_kernels(device, backend, memory_format,
     updated as flat arrays by every backend, not sent to the torch path; a grad of other
     strides regroups there (automatic backend) or is refused (a fused backend forced)."""
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, memory_format=memory_format))
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device,
+                                                                memory_format=memory_format))
               for s in shapes]
     refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = AdamW(params, lr=1e-2, amsgrad=True, backend=backend, max_grad_norm=1.0)
