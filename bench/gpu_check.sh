@@ -32,7 +32,7 @@ STEPS=${STEPS:-tests memcheck bench}
 # every test file with gpu-marked tests, in the order they run (tests/test_gpu_scripts.py
 # checks that none is missing)
 GPU_TEST_FILES="tests/test_varlen_attn.py tests/test_lora.py tests/test_integrations_transformers.py
-  tests/test_integrations_trainers.py tests/test_adamw.py"
+  tests/test_integrations_trainers.py tests/test_adamw.py tests/test_devices.py"
 DEADLINE=$((SECONDS + ${DEADLINE:-570}))
 TEST_CAP=${TEST_CAP:-200}
 PY=${PY:-python3}
