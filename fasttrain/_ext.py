@@ -156,11 +156,15 @@ def _build(name, csrc, with_cuda, build_dir, marker):
 
 
 def _built() -> bool:
-    """Whether load() would only import the extension (prebuilt, or a cached JIT build)."""
-    if importlib.util.find_spec("fasttrain._C") is not None:
-        return True
+    """Whether load() would only import the extension: a cached JIT build, or a prebuilt
+    module that imports and matches the running torch."""
     name, build_dir = jit_build_dir()
-    return (build_dir / "BUILD_OK").is_file() and (build_dir / f"{name}.so").is_file()
+    if (build_dir / "BUILD_OK").is_file() and (build_dir / f"{name}.so").is_file():
+        return True
+    try:
+        return _try_prebuilt()[0] is not None
+    except RuntimeError:  # built for another torch: load() says so
+        return False
 
 
 def load(build: bool = True):

@@ -436,6 +436,27 @@ def test_channels_last_params_run_on_the_kernels(device, backend, memory_format,
         assert {b.backend for b in auto._buckets()} == {"torch", backends_for(device)[1]}
 
 
+@pytest.mark.skipif(not _backend.interpret_mode(), reason="the Triton backend on CPU tensors")
+def test_device_tables_are_built_once_while_the_tensors_stay(monkeypatch):
+    """One table per bucket (here a channels_last weight and a contiguous bias in one group),
+    built at the first step and then reused, clipping's sum of squares included: the cache
+    key tells the buckets apart, and the pointers are read once a step."""
+    from fasttrain.kernels import adamw as kernels
+
+    built = []
+    real = kernels.build_table
+    monkeypatch.setattr(kernels, "build_table", lambda *a: built.append(1) or real(*a))
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    opt = AdamW(conv.parameters(), lr=1e-2, max_grad_norm=1.0, backend="triton")
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)
+        conv(x).square().sum().backward()
+        opt.step()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    assert len(opt._buckets()) == 2 and len(built) == 2
+
+
 @pytest.mark.parametrize("master_weights", [False, True])
 def test_load_state_dict_hooks_act_as_in_torch(master_weights):
     """A pre-hook's returned dict is what loads, and a post-hook's writes stay (both as in

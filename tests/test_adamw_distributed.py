@@ -60,6 +60,9 @@ def _worker(rank, world, port, mode, out_path):
                 for p in model.parameters()]
         if rank == 0:
             torch.save({"params": [p.clone() for p in full], "norms": norms}, out_path)
+        # both ranks done before either tears down gloo: a rank that destroyed the group while
+        # the other still had work in gloo's threads aborted it once (a loaded 2-core machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -20,6 +20,7 @@ Works with ``torch.amp.GradScaler`` through the fused-optimizer protocol (the sc
 """
 from __future__ import annotations
 
+import array
 import itertools
 import operator
 from collections import defaultdict
@@ -518,7 +519,8 @@ class _Bucket:
         self.indices = [i for i, _, _ in items]
         self.dparams = [p for _, p, _ in items]
         self.params = [_local(p) for p in self.dparams]
-        self.grads = None  # set by take_grads() before each step
+        self.grads = None  # set by take_grads() before each step (a new list each time)
+        self._table_for = self._table = None  # the grads list table() last returned a table for
         states = [s for _, _, s in items]
         self.exp_avgs = [_local(s["exp_avg"]) for s in states]
         self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
@@ -565,12 +567,15 @@ class _Bucket:
         (states included: `state["exp_avg"].data = ...` swaps it under the same tensor)."""
         from fasttrain.kernels import adamw as kernels
 
+        if self._table_for is self.grads:  # checked already in this step (clipping's sum)
+            return self._table
         lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                  self.masters, self.steps)
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
-               self.has_master)
+               self.has_master, self.contiguous)
         hit = cache.get(key)
         if hit is not None and hit[0] == self.generation and hit[1] == _data_ptrs(lists):
+            self._table_for, self._table = self.grads, hit[2]
             return hit[2]
         if _capturing(self.device):
             # Its host-to-device copy would be captured, reading a temporary pinned buffer on
@@ -583,6 +588,7 @@ class _Bucket:
                 "a warm-up step that created the grads.")
         built = kernels.build_table(*lists, chunk)
         cache[key] = (self.generation, _data_ptrs(lists), built)
+        self._table_for, self._table = self.grads, built
         return built
 
 
@@ -630,7 +636,9 @@ def _data_ptrs(lists):
     module, _ = _ext.load(build=False)
     if module is not None:
         return module.data_ptrs(*lists)
-    return tuple(map(torch.Tensor.data_ptr, itertools.chain.from_iterable(lists)))
+    # the same bytes as the C++ helper's, so that a key survives the extension being loaded
+    return array.array("Q", map(torch.Tensor.data_ptr,
+                                itertools.chain.from_iterable(lists))).tobytes()
 
 
 def _check_state(index, p, state):
