@@ -266,6 +266,29 @@ def _tuned(kind, dtype):
     return _TUNED[key]
 
 
+_TUNED_KEYS = set()  # (kind, autotuning key) of every launch so far: tuned already
+
+
+def _launch_tuned(kind, key, grid, *args, **kwargs):
+    """Launch the autotuned kernel of ``kind``. ``key``: the values of its autotuning keys; the
+    autotuner adds the tensor arguments' dtypes, and so does this. A key never launched before
+    would be tuned now, which a CUDA graph capture cannot hold (each config is timed, with
+    synchronizations): a clear error then, before anything is launched."""
+    key = (kind, *key, *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    if key not in _TUNED_KEYS and _capturing(args[0].device):
+        raise RuntimeError(
+            f"fasttrain LoRA: the {kind} kernel was never run for these sizes (autotuning key "
+            f"{key[1:]}) before this CUDA graph capture, and autotuning cannot run inside one. "
+            "Run the same shapes once outside the capture first (the warm-up that capture "
+            "needs anyway).")
+    _tuned(kind, args[0].dtype)[grid](*args, **kwargs)
+    _TUNED_KEYS.add(key)
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _fitting_configs(configs, named_args, **kwargs):
     """The gemm's configs worth timing: with dropout it holds two fp32 accumulator tiles, and
     its sm_90 builds spill registers above 64 elements of a tile per thread (bench/NOTES.md)."""
@@ -311,7 +334,8 @@ def lora_thin(x, l, *, scale=1.0, dropout_p=0.0, seed=None, index=None, rank=1):
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))
-    _tuned("thin", x.dtype)[grid](
+    _launch_tuned(
+        "thin", (m_bucket(M), K, R, dropout), grid,
         x, l, index if index is not None else out, seed if dropout else _no_seed(x.device), out,
         M, K, R, rank, m_bucket(M), scale / (1.0 - dropout_p), dropout_p,
         x.stride(0), x.stride(1), l.stride(0), l.stride(1), out.stride(0), out.stride(1),
@@ -341,7 +365,8 @@ def lora_gemm(x, w, s, l, bias=None, *, scale=1.0, dropout_p=0.0, seed=None, out
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _tuned("gemm", x.dtype)[grid](
+    _launch_tuned(
+        "gemm", (m_bucket(M), N, K, R, dropout), grid,
         x, w, s, l, bias if bias is not None else out, seed if dropout else _no_seed(x.device),
         out, M, N, K, R, m_bucket(M), scale / (1.0 - dropout_p), dropout_p,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),

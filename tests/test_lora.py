@@ -127,6 +127,42 @@ def test_lora_linear_matches_reference(dtype, lead, K, N, r, bias, weight_grad):
     check_lora("cpu", dtype, lead, K, N, r, bias=bias, weight_grad=weight_grad)
 
 
+def test_autotuning_inside_a_cuda_graph_capture_is_a_clear_error(monkeypatch):
+    """Sizes launched before capture run (tuned already); new ones would be tuned inside it,
+    which a capture cannot hold (here the capture is faked on CPU tensors)."""
+    x, w = torch.randn(37, 48), torch.randn(40, 48)
+    a, b = torch.randn(4, 48), torch.randn(40, 4)
+    eager = ops.lora_linear(x, w, None, a, b, 2.0, backend="triton")
+    monkeypatch.setattr(kernels, "_capturing", lambda device: True)
+    torch.testing.assert_close(ops.lora_linear(x, w, None, a, b, 2.0, backend="triton"), eager)
+    with pytest.raises(RuntimeError, match="never run for these sizes .* before this CUDA graph"):
+        ops.lora_linear(x[:, :40], w[:, :40], None, a[:, :40], b, 2.0, backend="triton")
+
+
+@pytest.mark.gpu
+def test_lora_forward_in_a_cuda_graph():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    a = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    b = torch.randn(384, 8, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning
+        eager = ops.lora_linear(x, w, None, a, b, 2.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lora_linear(x, w, None, a, b, 2.0)
+    x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=g))
+    graph.replay()
+    torch.testing.assert_close(out, ops.lora_linear(x, w, None, a, b, 2.0))
+    assert not torch.equal(out, eager)
+    with pytest.raises(RuntimeError, match="never run for these sizes"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ops.lora_linear(x[:, :128], w[:, :128], None, a[:, :128], b, 2.0)
+
+
 def test_zero_in_features():
     # nn.Linear(0, N) is legal: y is the bias, every gradient is empty or zero (the rows of x
     # cannot be inferred from reshape(-1, 0))
