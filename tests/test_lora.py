@@ -401,6 +401,25 @@ def test_lora_linear_module_merge_and_scaling():
         LoRALinear(nn.Conv1d(3, 3, 1))
 
 
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear whose own forward changes the output (as fake quantization does)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_lora_linear_keeps_a_base_layer_subclass_forward():
+    torch.manual_seed(0)
+    base = _DoubledLinear(24, 16)
+    layer = LoRALinear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(5, 24, requires_grad=True)
+    out = layer(x)
+    expected = base(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
 # --- peft -------------------------------------------------------------------------------------
 
 class _TinyMLP(nn.Module):
@@ -544,6 +563,26 @@ def test_base_layers_with_hooks_stay_on_peft():
     report = fuse_lora(model)
     assert report.fused == ["base_model.model.fc2"]
     assert "hooks" in report.not_fused["base_model.model.fc1"]
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_base_layers_with_their_own_forward_and_wrapped_layers_stay_on_peft():
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    mlp = model.get_base_model()
+    x = torch.randn(5, 32)
+    doubled = _DoubledLinear(32, 48)
+    doubled.load_state_dict(mlp.fc1.base_layer.state_dict())
+    mlp.fc1.base_layer = doubled
+    original = mlp.fc2.forward  # a wrapper of the layer's forward, as accelerate installs
+    mlp.fc2.forward = lambda x, *args, **kwargs: original(2 * x, *args, **kwargs)
+    expected = model(x)
+    report = fuse_lora(model)
+    assert report.n_fused == 0, report
+    assert "own forward" in report.not_fused["base_model.model.fc1"]
+    assert "wrapped" in report.not_fused["base_model.model.fc2"]
+    torch.testing.assert_close(model(x), expected)
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")

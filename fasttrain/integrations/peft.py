@@ -2,7 +2,9 @@
 
 ``fuse_lora(model)`` rebinds ``forward`` of every peft ``lora.Linear`` that it can run fused:
 one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.Linear base
-layer that is not ``fan_in_fan_out``, nn.Dropout or no dropout. Other layers stay on peft's
+layer (not a subclass with its own forward, such as a fake-quantized one) that is not
+``fan_in_fan_out``, nn.Dropout or no dropout, no hooks on the base layer or wrapper of the
+layer's forward (accelerate's). Other layers stay on peft's
 path; the returned report says which and why. A fused layer runs the adapter active at call
 time (``set_adapter`` works), and hands back to peft's own forward whenever it no longer
 qualifies (adapters disabled or merged, several active adapters, extra forward arguments such as
@@ -72,6 +74,10 @@ def _why_not(module) -> str | None:
     if not isinstance(base, nn.Linear) or base.weight.dtype not in DTYPES:
         return f"base layer {type(base).__name__} with {base.weight.dtype} weights is not a " \
                "float nn.Linear"
+    if type(base).forward is not nn.Linear.forward:
+        return f"base layer {type(base).__name__} has its own forward (e.g. fake quantization)"
+    if hasattr(module, "_hf_hook") or ("forward" in module.__dict__ and not hasattr(module, _MARK)):
+        return "the layer's forward is wrapped already (e.g. an accelerate hook)"
     if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
     if module.merged:

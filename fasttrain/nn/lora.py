@@ -19,7 +19,9 @@ class LoRALinear(nn.Module):
     both random, for tests). ``lora_A``: (r, in_features), ``lora_B``: (out_features, r), in the
     base weight's dtype and device. ``merge()`` folds the update into the base weight (forward is
     then the base layer alone); ``unmerge()`` takes it out again (exactly in fp32; bf16/fp16
-    weights keep a rounding). A merged module's state_dict holds the merged weight and does not
+    weights keep a rounding). A base layer that overrides nn.Linear's forward (fake
+    quantization, ...) runs its own forward, with the update added unfused. A merged module's
+    state_dict holds the merged weight and does not
     say so (as peft's): load it into a plain nn.Linear, or unmerge before saving.
     """
 
@@ -83,6 +85,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
+        if type(self.base_layer).forward is not nn.Linear.forward:
+            # a subclass with its own forward (fake quantization, ...): the fused op would skip
+            # it, so its output plus the update, unfused
+            dropped = nn.functional.dropout(x, p) if p > 0 else x
+            return self.base_layer(x) + self.scaling * ((dropped @ self.lora_A.t())
+                                                        @ self.lora_B.t())
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A,
                            self.lora_B, self.scaling, p, backend=self.backend)
 
