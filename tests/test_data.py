@@ -207,6 +207,9 @@ def test_sampler_coverage_budget_determinism(padded):
         assert cost <= 512
     assert list(LengthBucketedBatchSampler(lengths, **kw)) == epoch0, "same seed, same batches"
     assert list(LengthBucketedBatchSampler(lengths, **{**kw, "seed": 4})) != epoch0
+    assert list(LengthBucketedBatchSampler(lengths, **{**kw, "seed": np.int64(3)})) == epoch0
+    with pytest.raises(TypeError, match="seed must be an int"):
+        LengthBucketedBatchSampler(lengths, **{**kw, "seed": 3.0})
     s.set_epoch(1)
     epoch1 = list(s)
     assert epoch1 != epoch0

@@ -299,6 +299,16 @@ def test_validation_errors(changes, error, match):
         lora_linear(**_bad(**changes))
 
 
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    t = _bad()
+    expected = lora_linear(**t)
+    for kind in (np.float32, np.float64, np.int64):
+        t.update(scaling=kind(1.0), dropout_p=kind(0))
+        torch.testing.assert_close(lora_linear(**t), expected)
+
+
 def test_multi_validation_errors():
     t = _bad(lora_A=torch.randn(2, 4, 16), lora_B=torch.randn(2, 12, 4))
     with pytest.raises(TypeError, match="adapter_index"):

@@ -290,8 +290,7 @@ class LengthBucketedBatchSampler(Sampler):
             raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {rank}")
         self.rank = rank
         self.drop_last = bool(drop_last)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _check_int(seed, "seed")
         self.lengths = _clip_lengths(_lengths(lengths, "lengths"), self.max_tokens, truncate,
                                      "lengths")
         self.shuffle = shuffle

@@ -11,6 +11,7 @@ warning, where Triton cannot run). The Triton path is the pair of custom ops
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -169,10 +170,10 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, n_adapters=No
     if tuple(lora_B.shape) != lead + (N, r):
         raise ValueError(f"lora_B must be {b_dims} = {lead + (N, r)} to match weight (N, K) and "
                          f"lora_A's rank r={r}, got shape {tuple(lora_B.shape)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) \
             or not math.isfinite(scaling):
-        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) \
             or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     return K, N, r
