@@ -586,8 +586,8 @@ def cached_tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int
                     *, keys: bool, window_left: int, window_right: int) -> torch.Tensor:
     """``tile_map``, built once per CUDA cu_seqlens tensor and options: every layer of a model
     (and its backward) reuses the first layer's map. Entries die with the tensor; an in-place
-    change of either cu_seqlens (a new version) rebuilds the map; a write torch does not see
-    (``.data``, a NumPy or DLPack alias) does not. Under CUDA-graph capture the map is always
+    change of either cu_seqlens (a new version) rebuilds the map; a write torch does not
+    version (``.data``, a NumPy or DLPack alias, a torch.distributed collective) does not. Under CUDA-graph capture the map is always
     built, inside the graph: replays then follow new contents of a static cu_seqlens buffer,
     and no map from the graph's memory pool leaks into the cache. CPU tensors (the
     interpreter) get a new map each call."""

@@ -473,6 +473,31 @@ def test_dense_attention_with_empty_sequences():
     assert torch.equal(out, torch.zeros_like(k)) and torch.isinf(lse).all()
 
 
+def test_flash_attention_return_attn_probs_keyword():
+    q, k, v, cu_q, cu_k = make([3, 5], [3, 5], 2, 2, 16, torch.float32, "cpu")
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    got = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_attn_probs=True)
+    assert len(got) == 3 and got[2] is None
+    assert torch.equal(got[0], out) and torch.equal(got[1], lse)
+    qd, kd, vd = (t.reshape(2, 4, 2, 16) for t in (q, k, v))
+    out, lse = dense_attention(qd, kd, vd, return_lse=True)
+    got = dense_attention(qd, kd, vd, return_attn_probs=True)
+    assert len(got) == 3 and got[2] is None
+    assert torch.equal(got[0], out) and torch.equal(got[1], lse)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_of_no_sequences_backpropagates(backend):
+    """cu_seqlens [0]: empty outputs, still in autograd's graph (empty gradients), on both
+    paths."""
+    q, k, v = (torch.randn(0, 2, 16, requires_grad=True) for _ in range(3))
+    cu = torch.zeros(1, dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, cu, causal=True, backend=backend)
+    assert out.shape == (0, 2, 16) and out.requires_grad
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == (0, 2, 16) for g in grads)
+
+
 def test_cu_seqlens_values_are_checked_again_after_an_in_place_change():
     q, k, v, cu_q, cu_k = make([3, 5], [3, 5], 2, 2, 16, torch.float32, "cpu")
     varlen_attention(q, k, v, cu_q, cu_k)  # checked once, remembered for this version

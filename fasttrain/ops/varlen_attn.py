@@ -77,8 +77,9 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
         p = torch.exp(s - lse[..., None]).masked_fill(empty[:, None], 0.0)
         outs.append((p.to(vb.dtype) @ vb).transpose(0, 1))
         lses.append(lse.float().masked_fill(empty, float("-inf")))
-    if not outs:
-        return q.new_zeros(q.shape).to(dtype), q.new_zeros((nheads, 0), dtype=torch.float32)
+    if not outs:  # no sequence, so no token: empty, but in autograd's graph like the kernels'
+        out = (q + (k.sum() + v.sum()).to(q.dtype)) * 0
+        return out.to(dtype), q.new_zeros((nheads, 0), dtype=torch.float32)
     return torch.cat(outs).to(dtype), torch.cat(lses, dim=1)
 
 
@@ -249,7 +250,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      softmax_scale: float | None = None, causal: bool = False,
                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                      alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                     return_lse: bool = False, *, backend: str | None = None):
+                     return_lse: bool = False, *, return_attn_probs: bool = False,
+                     backend: str | None = None):
     """Attention over packed sequences; arguments as ``flash_attn_varlen_func``.
 
     Arguments:
@@ -260,7 +262,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
             of k; lengths may differ (cross-attention, chunked prefill) and may be 0. On CUDA
             their check and the kernels' tile maps are made once per tensor and version (all
             layers share them): change their contents through torch ops (in place is fine),
-            not through aliases that torch does not see (``.data``, NumPy, DLPack).
+            not through writes that torch does not version (``.data``, NumPy or DLPack aliases,
+            torch.distributed collectives into a reused buffer: call
+            ``torch.autograd.graph.increment_version(cu_seqlens)`` after those).
         max_seqlen_q, max_seqlen_k: optional and unused: nothing here syncs with the host, with
             or without them (accepted for drop-in compatibility).
         softmax_scale: default 1 / sqrt(headdim).
@@ -270,6 +274,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         deterministic: accepted for compatibility; the backward is always deterministic
             (no atomics).
         return_lse: also return the log-sum-exp of each query's scores, (nheads, total_q) fp32.
+        return_attn_probs: FlashAttention's keyword (in return_lse's place there): returns
+            (out, lse, None); the attention probabilities are not formed.
         backend: "triton" or "torch" (None: Triton for CUDA tensors, the reference on CPU).
     Returns:
         out (total_q, nheads, headdim), and lse if ``return_lse``. Queries that see no key get
@@ -298,6 +304,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                               softmax_scale=scale, window_size=(left, right),
                                               softcap=float(softcap))
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
 
 
@@ -305,9 +313,11 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                    return_lse: bool = False, *, backend: str | None = None):
+                    return_lse: bool = False, *, return_attn_probs: bool = False,
+                    backend: str | None = None):
     """Attention over a batch of equal-length sequences, as ``flash_attn_func`` (same
-    argument order; dropout_p must be 0 and alibi_slopes None, as for varlen_attention).
+    argument order; dropout_p must be 0 and alibi_slopes None, as for varlen_attention;
+    ``return_attn_probs`` returns (out, lse, None), as there).
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
     Returns out (batch, seqlen_q, nheads, headdim) and, with ``return_lse``, lse
@@ -332,11 +342,12 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                               softmax_scale=softmax_scale, causal=causal,
                               window_size=window_size, softcap=softcap,
                               alibi_slopes=alibi_slopes, deterministic=deterministic,
-                              return_lse=return_lse, backend=backend)
-    if not return_lse:
+                              return_lse=return_lse or return_attn_probs, backend=backend)
+    if not (return_lse or return_attn_probs):
         return result.view(q.shape)
     out, lse = result
-    return out.view(q.shape), lse.view(nheads, batch, seqlen_q).transpose(0, 1)
+    out, lse = out.view(q.shape), lse.view(nheads, batch, seqlen_q).transpose(0, 1)
+    return (out, lse, None) if return_attn_probs else (out, lse)
 
 
 __all__ = ["varlen_attention", "dense_attention", "varlen_attention_reference"]
