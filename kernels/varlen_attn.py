@@ -587,10 +587,10 @@ def cached_tile_map(cu_seqlens: torch.Tensor, cu_other: torch.Tensor, block: int
     """``tile_map``, built once per CUDA cu_seqlens tensor and options: every layer of a model
     (and its backward) reuses the first layer's map. Entries die with the tensor; an in-place
     change of either cu_seqlens (a new version) rebuilds the map; a write torch does not
-    version (``.data``, a NumPy or DLPack alias, a torch.distributed collective) does not. Under CUDA-graph capture the map is always
-    built, inside the graph: replays then follow new contents of a static cu_seqlens buffer,
-    and no map from the graph's memory pool leaks into the cache. CPU tensors (the
-    interpreter) get a new map each call."""
+    version (``.data``, a NumPy or DLPack alias, a torch.distributed collective) does not.
+    Under CUDA-graph capture the map is always built, inside the graph: replays then follow
+    new contents of a static cu_seqlens buffer, and no map from the graph's memory pool leaks
+    into the cache. CPU tensors (the interpreter) get a new map each call."""
     if not cu_seqlens.is_cuda or torch.cuda.is_current_stream_capturing():
         return tile_map(cu_seqlens, cu_other, block, n_tiles, keys=keys,
                         window_left=window_left, window_right=window_right)

@@ -4,8 +4,8 @@
 one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.Linear base
 layer (not a subclass with its own forward, such as a fake-quantized one) that is not
 ``fan_in_fan_out``, nn.Dropout or no dropout, no hooks on the base layer or wrapper of the
-layer's forward (accelerate's). Other layers stay on peft's
-path; the returned report says which and why. A fused layer runs the adapter active at call
+layer's forward (accelerate's). Other layers stay on peft's path; the returned report says
+which and why. A fused layer runs the adapter active at call
 time (``set_adapter`` works), and hands back to peft's own forward whenever it no longer
 qualifies (adapters disabled or merged, several active adapters, extra forward arguments such as
 ``adapter_names``, x not in the base weight's dtype outside ``torch.autocast``). Adapter

@@ -21,8 +21,8 @@ class LoRALinear(nn.Module):
     then the base layer alone); ``unmerge()`` takes it out again (exactly in fp32; bf16/fp16
     weights keep a rounding). A base layer that overrides nn.Linear's forward (fake
     quantization, ...) runs its own forward, with the update added unfused. A merged module's
-    state_dict holds the merged weight and does not
-    say so (as peft's): load it into a plain nn.Linear, or unmerge before saving.
+    state_dict holds the merged weight and does not say so (as peft's): load it into a plain
+    nn.Linear, or unmerge before saving.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8.0,

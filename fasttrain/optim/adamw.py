@@ -389,13 +389,13 @@ class AdamW(Optimizer):
 
     def _group_buckets(self, gi, group):
         params = group["params"]
-        if len(set(map(id, params))) != len(params):
-            first = {}
-            i, j = next((first[id(p)], j) for j, p in enumerate(params)
-                        if first.setdefault(id(p), j) != j)
-            raise ValueError(f"fasttrain AdamW: param group {gi} lists the same tensor twice "
-                             f"(params {i} and {j}); a fused step would update it twice at once. "
-                             "List each parameter once.")
+        first = {}
+        for j, p in enumerate(params):
+            i = first.setdefault(id(p), j)
+            if i != j:
+                raise ValueError(f"fasttrain AdamW: param group {gi} lists the same tensor "
+                                 f"twice (params {i} and {j}); a fused step would update it "
+                                 "twice at once. List each parameter once.")
         by_key = defaultdict(list)
         for i, p in enumerate(params):
             g = p.grad
@@ -573,8 +573,9 @@ class _Bucket:
                  self.masters, self.steps)
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
                self.has_master, self.contiguous)
+        ptrs = _data_ptrs(lists)
         hit = cache.get(key)
-        if hit is not None and hit[0] == self.generation and hit[1] == _data_ptrs(lists):
+        if hit is not None and hit[0] == self.generation and hit[1] == ptrs:
             self._table_for, self._table = self.grads, hit[2]
             return hit[2]
         if _capturing(self.device):
@@ -587,7 +588,7 @@ class _Bucket:
                 "across the capture: e.g. zero_grad(set_to_none=False) before capturing, after "
                 "a warm-up step that created the grads.")
         built = kernels.build_table(*lists, chunk)
-        cache[key] = (self.generation, _data_ptrs(lists), built)
+        cache[key] = (self.generation, ptrs, built)
         self._table_for, self._table = self.grads, built
         return built
 
