@@ -106,7 +106,7 @@ def _adamw_block(offs, mask, param, grad, exp_avg, exp_avg_sq, vmax_ptr, master,
         m = g - (g - m) * (1.0 - one_minus_beta1)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
-        vmax = tl.maximum(_load_f32(vmax_ptr + offs, mask), v)
+        vmax = tl.maximum(_load_f32(vmax_ptr + offs, mask), v, propagate_nan=tl.PropagateNan.ALL)
         _store_rounded(vmax_ptr + offs, vmax, mask, None, STATE_DTYPE)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:

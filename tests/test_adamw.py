@@ -498,6 +498,40 @@ def test_load_state_dict_hooks_act_as_in_torch(master_weights):
         assert list(opt._optimizer_load_state_dict_post_hooks.values()) == [post_hook]
 
 
+def test_master_copies_through_torch_are_rebuilt_from_the_params():
+    """torch.optim.AdamW keeps a loaded master_param (cast to bf16) but never updates it: back
+    in fasttrain, the stale copy must not overwrite what torch trained. A master missing from
+    the dict is built at the first step, after the model's weights are loaded too."""
+    params = make_params("cpu", torch.bfloat16)
+    opt = AdamW(params, lr=1e-2, master_weights=True)
+    run_steps(opt, params, 2)
+    via_torch = torch.optim.AdamW(params, lr=1e-2)
+    via_torch.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run_steps(via_torch, params, 3, first=2)
+    trained = [p.detach().clone() for p in params]
+    back = AdamW(params, lr=1e-2, master_weights=True)
+    back.load_state_dict(copy.deepcopy(via_torch.state_dict()))
+    back.param_groups[0]["lr"] = 0.0  # a step that leaves the master: p = round(master)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    back.step()
+    for p, t in zip(params, trained):
+        assert torch.equal(p, t)
+        assert torch.equal(back.state[p]["master_param"], t.float())
+
+    fresh = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    late = AdamW(fresh, lr=0.0, master_weights=True)
+    late.load_state_dict(copy.deepcopy(via_torch.state_dict()))  # before the model's weights
+    late.param_groups[0]["lr"] = 0.0
+    with torch.no_grad():
+        for f, t in zip(fresh, trained):
+            f.copy_(t)
+            f.grad = torch.ones_like(f)
+    late.step()
+    for f, t in zip(fresh, trained):
+        assert torch.equal(f, t)
+
+
 def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
     params = make_params("cpu")
     opt = AdamW(params, lr=1e-2)
@@ -534,6 +568,51 @@ def test_adam_decoupled_weight_decay_is_adamw():
         models.append(train_model(opt_fn, "cpu", 5)[0])
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("source", ["torch-Adam", "fasttrain-Adam"])
+def test_adamw_loading_an_adam_state_dict_stays_adamw(source):
+    """torch's AdamW sets decoupled_weight_decay=True on every loaded group: a state_dict saved
+    by Adam (where it is False) must not turn AdamW's decay into an L2 term."""
+    params = make_params("cpu")
+    saver = (torch.optim.Adam if source == "torch-Adam" else Adam)(params, lr=1e-2,
+                                                                   weight_decay=0.1)
+    run_steps(saver, params, 2)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = AdamW(params, lr=1e-2), torch.optim.AdamW(ref_params, lr=1e-2)
+    opt.load_state_dict(copy.deepcopy(saver.state_dict()))  # loads alias the dict's tensors
+    ref.load_state_dict(copy.deepcopy(saver.state_dict()))
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    run_steps(opt, params, 3, first=2)
+    run_steps(ref, ref_params, 3, first=2)
+    for p, r in zip(params, ref_params):
+        assert_close(p, r, rel=1e-6)
+    loaded = Adam(params, lr=1e-2)  # and Adam keeps what it loads, as torch's Adam
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert loaded.param_groups[0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_amsgrad_max_keeps_a_nan_as_torch(device, backend):
+    """A NaN grad element makes exp_avg_sq NaN; torch.maximum propagates it into
+    max_exp_avg_sq (Triton's default maximum would drop it and keep the old max)."""
+    params = make_params(device)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW(params, lr=1e-2, amsgrad=True, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, amsgrad=True)
+    for step in range(2):
+        grads = random_grads(params, step)
+        if step == 1:
+            grads[0].view(-1)[3] = float("nan")
+        for p, r, g in zip(params, ref_params, grads):
+            p.grad, r.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    for p, r in zip(params, ref_params):
+        mine, theirs = opt.state[p]["max_exp_avg_sq"], ref.state[r]["max_exp_avg_sq"]
+        assert torch.equal(mine.isnan(), theirs.isnan())
+        assert_close(mine[~mine.isnan()], theirs[~theirs.isnan()], rel=1e-6)
+    assert opt.state[params[0]]["max_exp_avg_sq"].view(-1)[3].isnan()
 
 
 def test_fp16_params_on_cpu_use_the_reference_unless_forced(monkeypatch):
@@ -845,6 +924,28 @@ def test_stochastic_rounding_noise_changes_every_step(device, backend):
     # with the same choice in all 8 steps; fixed noise leaves all of them
     mixed = ((downs > 0) & (downs < steps)).float().mean().item()
     assert mixed > 0.7, mixed
+
+
+@pytest.mark.parametrize("device, backend", sr_backend_cases())
+def test_stochastic_rounding_noise_differs_between_buckets(device, backend):
+    """The kernels key the noise on (seed, step, tensor index in its bucket): the same param
+    and grad at index 0 of two param groups must not be rounded with the same noise (they would
+    be bit-identical every step, rounding errors perfectly correlated across tensors)."""
+    n = 1 << 12
+    g = (torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5).to(device,
+                                                                             torch.bfloat16)
+    params = [torch.nn.Parameter(torch.ones(n, device=device, dtype=torch.bfloat16))
+              for _ in range(2)]
+    opt = AdamW([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-3,
+                stochastic_rounding=True, seed=1, backend=backend)
+    for p in params:
+        p.grad = g.clone()
+    opt.step()
+    # 1 - 1e-3 is rounded down with probability ~0.26 per element: independent noise makes
+    # the two choices equal for ~62% of the elements, shared noise for all of them
+    same = (params[0] == params[1]).float().mean().item()
+    assert same < 0.8, same
+    assert (params[0] < 1).any() and (params[1] < 1).any()
 
 
 @pytest.mark.gpu

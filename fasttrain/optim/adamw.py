@@ -159,6 +159,17 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _bucket_seed(seed, b):
+    """The stochastic-rounding seed of one bucket. The kernels key their noise on (seed, step,
+    index of the tensor in its bucket): mixing in the bucket's first param, (group, index),
+    keeps tensors of different buckets on different streams (splitmix64's finalizer)."""
+    z = (seed * 0x9E3779B97F4A7C15 + b.group_index * 0xBF58476D1CE4E5B9
+         + b.indices[0] * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFF
+
+
 class AdamW(Optimizer):
     """AdamW (decoupled weight decay). Arguments as ``torch.optim.AdamW``, plus the extras above."""
 
@@ -232,7 +243,10 @@ class AdamW(Optimizer):
         super().__setstate__(state)  # also how torch's load_state_dict installs the new state
         self._reset_caches()
         for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", self._decoupled)
+            if self._decoupled:  # AdamW, whatever the loaded groups say (as torch's AdamW)
+                group["decoupled_weight_decay"] = True
+            else:
+                group.setdefault("decoupled_weight_decay", False)
             for key in ("foreach", "fused"):
                 group.setdefault(key, None)
             for key in ("amsgrad", "maximize", "capturable", "differentiable"):
@@ -270,13 +284,20 @@ class AdamW(Optimizer):
                 continue
             state = self.state[p]
             for key in _STATE_KEYS:
-                if key in saved:
-                    t = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
-                    if type(t) is torch.Tensor and t.stride() != p.stride():  # e.g. channels_last
-                        t = torch.empty_like(p, dtype=t.dtype).copy_(t)  # the param's layout
-                    state[key] = t
-            if self._has_master(p) and "master_param" not in state:
-                state["master_param"] = p.detach().float().clone()
+                if key not in saved:
+                    continue
+                if key == "master_param" and (not self._has_master(p)
+                                              or saved[key].dtype != torch.float32):
+                    # fasttrain saves fp32 masters; another dtype means the dict went through
+                    # torch.optim.AdamW, which casts it to the param's dtype and never updates
+                    # it: the first step rebuilds it from the param (_init_state), which is
+                    # also what a dict without one gets, once the model's weights are loaded
+                    state.pop(key, None)
+                    continue
+                t = saved[key].to(device=p.device, dtype=self._dtype_of(p, key))
+                if type(t) is torch.Tensor and t.stride() != p.stride():  # e.g. channels_last
+                    t = torch.empty_like(p, dtype=t.dtype).copy_(t)  # the param's layout
+                state[key] = t
         self._tables.clear()
 
     def _dtype_of(self, p, key):
@@ -298,8 +319,8 @@ class AdamW(Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(p, dtype=self._dtype_of(p, key),
                                               memory_format=torch.preserve_format)
-            if self._has_master(p):
-                state["master_param"] = p.detach().float().clone()
+        if self._has_master(p) and "master_param" not in state:  # also after a load without
+            state["master_param"] = p.detach().float().clone()
         step = state["step"]
         device = _local(p).device
         if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
@@ -351,7 +372,8 @@ class AdamW(Optimizer):
                 weight_decay=float(group["weight_decay"]),
                 decoupled=group.get("decoupled_weight_decay", self._decoupled),
                 amsgrad=group["amsgrad"], maximize=group["maximize"], stochastic=stochastic,
-                seed=self.seed if stochastic else 0, inv_scale=inv_scales.get(b.device),
+                seed=_bucket_seed(self.seed, b) if stochastic else 0,
+                inv_scale=inv_scales.get(b.device),
                 found_inf=found_infs.get(b.device),
                 clip_coef=(clip64 if b.param_dtype in _DOUBLE_DTYPES else clip32).get(b.device))
         return loss
