@@ -430,6 +430,23 @@ def test_lora_linear_keeps_a_base_layer_subclass_forward():
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
 
 
+def test_lora_linear_runs_the_base_layers_hooks():
+    """Pruning (a pre-hook that recomputes the weight) and forward hooks of the base layer run:
+    the fused op would read the stale weight and skip the hooks."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16)
+    layer = LoRALinear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(5, 24)
+    prune.l1_unstructured(base, "weight", amount=0.5)
+    base.weight_orig.data.mul_(3)  # the pre-hook makes weight = weight_orig * mask again
+    update = layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), base(x) + update)
+    base.register_forward_hook(lambda module, args, out: out * 0)
+    torch.testing.assert_close(layer(x), update)
+
+
 # --- peft -------------------------------------------------------------------------------------
 
 class _TinyMLP(nn.Module):
@@ -562,6 +579,68 @@ def test_fused_layers_follow_set_adapter(monkeypatch):
         assert fuse_lora(model).n_fused == 2  # a second call reports the same layers
         assert_close(model(x), expected[name], rel=1e-5, name=name)
     assert len(calls) == 4, "a fused layer fell back to peft's path after set_adapter"
+
+
+def _replicate_like_data_parallel(model, scale):
+    """What torch.nn.parallel.replicate does (it needs CUDA devices): a shallow replica of every
+    module (``_replicate_for_data_parallel``), children wired to replicas, parameters set as
+    plain tensors (here the originals times ``scale``, to tell them apart)."""
+    replicas = {m: m._replicate_for_data_parallel() for m in model.modules()}
+    for m, r in replicas.items():
+        for key, child in m._modules.items():
+            r._modules[key] = replicas.get(child)
+        for key, p in m._parameters.items():
+            if p is None:
+                r._parameters[key] = None
+            else:
+                setattr(r, key, p.detach() * scale)
+    return replicas[model]
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_data_parallel_replicas_of_fused_layers_use_their_own_weights(monkeypatch):
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    x = torch.randn(5, 32)
+    expected = _replicate_like_data_parallel(model, 2.0)(x)  # peft's path on the replica
+    assert not torch.allclose(expected, model(x))
+    assert fuse_lora(model).n_fused == 2
+    calls = _count_fused_calls(monkeypatch)
+    replica = _replicate_like_data_parallel(model, 2.0)
+    torch.testing.assert_close(replica(x), expected)
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fused_layers_keep_a_tensor_scaling_a_tensor(monkeypatch):
+    """peft's prepare_model_for_compiled_hotswap makes each scaling a 0-d tensor so that a
+    hotswap does not recompile: the fused forward must not read it as a Python float."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model()
+    prepare_model_for_compiled_hotswap(model)
+    layer = model.get_base_model().fc1
+    assert isinstance(layer.scaling["default"], torch.Tensor)
+    x = torch.randn(5, 32)
+    expected = model(x)
+    assert fuse_lora(model).n_fused == 2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    for m in (layer, model.get_base_model().fc2):
+        m.scaling["default"].mul_(3.0)  # what a hotswap of a higher-alpha adapter writes
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        y = compiled(x)
+    with model.disable_adapter():
+        base_out = model(x)
+    report = fuse_lora(model)
+    report.undo()  # peft's own forward, with the new scalings
+    after = model(x)
+    torch.testing.assert_close(y, after)
+    assert not torch.allclose(after, expected) and not torch.allclose(after, base_out)
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")

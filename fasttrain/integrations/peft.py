@@ -11,7 +11,9 @@ qualifies (adapters disabled or merged, several active adapters, extra forward a
 ``adapter_names``, x not in the base weight's dtype outside ``torch.autocast``). Adapter
 weights kept in fp32 over a bf16/fp16 base (peft's autocast_adapter_dtype) are cast to the base
 dtype for the fused op (the gradients flow back to the fp32 parameters). ``unfuse_lora(model)``
-or ``report.undo()`` restores peft's forward. peft is imported lazily; it is not a dependency of
+or ``report.undo()`` restores peft's forward. ``nn.DataParallel``'s replicas of a fused layer
+run fused on their own weights; a shallow ``copy.copy`` of one does not (its forward stays bound
+to the original; ``copy.deepcopy`` is fine). peft is imported lazily; it is not a dependency of
 fasttrain.
 """
 from __future__ import annotations
@@ -82,7 +84,8 @@ def _why_not(module) -> str | None:
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
     if module.merged:
         return "adapter weights are merged into the base layer"
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") \
+            or "forward" in base.__dict__:
         return "the base layer has forward hooks (e.g. accelerate offloading)"
     if type(base.weight.data) is not torch.Tensor:
         return f"the base weight is a {type(base.weight.data).__name__}, not a plain tensor"
@@ -108,7 +111,21 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lora_a = self.lora_A[name].weight.to(x.dtype)
     lora_b = self.lora_B[name].weight.to(x.dtype)
-    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]), p)
+    scaling = self.scaling[name]
+    if isinstance(scaling, torch.Tensor):
+        # a tensor (peft's prepare_model_for_compiled_hotswap): float() would read it on the
+        # host and make torch.compile specialize on it; folded into B (N x r) it stays a tensor
+        lora_b, scaling = lora_b * scaling.to(lora_b.dtype), 1.0
+    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, float(scaling), p)
+
+
+def _replicate_fused(self):
+    """nn.DataParallel's replica of a fused layer (torch copies the instance's __dict__, which
+    would leave the replica's forward bound to the original): forward bound to the replica."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    replica.forward = functools.partial(_fused_forward, replica)
+    replica._replicate_for_data_parallel = functools.partial(_replicate_fused, replica)
+    return replica
 
 
 def fuse_lora(model: nn.Module) -> FuseReport:
@@ -128,6 +145,7 @@ def fuse_lora(model: nn.Module) -> FuseReport:
         setattr(module, _MARK, module.__dict__.get("forward"))
         # a partial of a module-level function (not a bound method): torch.save(model) pickles
         module.forward = functools.partial(_fused_forward, module)
+        module._replicate_for_data_parallel = functools.partial(_replicate_fused, module)
         report.fused.append(name)
     return report
 
@@ -141,6 +159,7 @@ def unfuse_lora(model: nn.Module) -> int:
             if isinstance(previous, tuple):  # (adapter, forward): a model fused by fasttrain 0.x
                 previous = previous[1]       # before the layers followed set_adapter
             del module.forward
+            module.__dict__.pop("_replicate_for_data_parallel", None)
             if previous is not None:
                 module.forward = previous
             delattr(module, _MARK)

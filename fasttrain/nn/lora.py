@@ -9,6 +9,15 @@ from torch import nn
 from fasttrain.ops.lora import lora_linear
 
 
+def _runs_own_forward(base: nn.Linear) -> bool:
+    """Whether calling ``base`` does more than nn.Linear's forward: a subclass's own forward
+    (fake quantization, ...), forward hooks or pre-hooks (torch's pruning recomputes the weight
+    in one), accelerate's hook, or a forward wrapped on the instance."""
+    return (type(base).forward is not nn.Linear.forward or bool(base._forward_hooks)
+            or bool(base._forward_pre_hooks) or hasattr(base, "_hf_hook")
+            or "forward" in base.__dict__)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + scaling * dropout(x) A^T B^T, computed by ``fasttrain.ops.lora_linear``.
 
@@ -18,9 +27,11 @@ class LoRALinear(nn.Module):
     lora_alpha / r) and ``init_lora_weights`` (True: A Kaiming-uniform, B zero, as peft; False:
     both random, for tests). ``lora_A``: (r, in_features), ``lora_B``: (out_features, r), in the
     base weight's dtype and device. ``merge()`` folds the update into the base weight (forward is
-    then the base layer alone); ``unmerge()`` takes it out again (exactly in fp32; bf16/fp16
-    weights keep a rounding). A base layer that overrides nn.Linear's forward (fake
-    quantization, ...) runs its own forward, with the update added unfused. A merged module's
+    then the base layer alone); ``unmerge()`` takes it out again (up to a rounding of the
+    weight: fp32 to about an ulp, bf16/fp16 to theirs). A base layer that overrides
+    nn.Linear's forward (fake quantization, ...), has forward hooks or pre-hooks (pruning,
+    accelerate's offloading, the user's) or a wrapped forward runs its own forward, with the
+    update added unfused. A merged module's
     state_dict holds the merged weight and does not say so (as peft's): load it into a plain
     nn.Linear, or unmerge before saving.
     """
@@ -85,9 +96,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
-        if type(self.base_layer).forward is not nn.Linear.forward:
-            # a subclass with its own forward (fake quantization, ...): the fused op would skip
-            # it, so its output plus the update, unfused
+        if _runs_own_forward(self.base_layer):
+            # the fused op would skip what the base layer's call does: its output plus the
+            # update, unfused
             dropped = nn.functional.dropout(x, p) if p > 0 else x
             return self.base_layer(x) + self.scaling * ((dropped @ self.lora_A.t())
                                                         @ self.lora_B.t())
