@@ -129,3 +129,39 @@ def test_gpu_check_profile_step_with_a_stand_in_ncu(tmp_path):
     assert "| 0 | _adamw_kernel | 12.5 usecond | - | - | - | 40 reg | - | - |" in log
     assert (out / "ncu_details.txt").read_text() == "details page\n"
     assert (out / "profile.ncu-rep").exists()
+
+
+def test_remaining_suites_are_those_after_the_one_that_died(tmp_path):
+    from bench.remaining import remaining
+
+    def write(suite, complete):
+        (tmp_path / f"{suite}-h200-20261203-000000.json").write_text(
+            json.dumps({"suite": suite, "complete": complete}))
+
+    suites = ["adamw", "varlen_attn", "lora", "e2e"]
+    assert remaining(tmp_path, suites) == ["varlen_attn", "lora", "e2e"]  # died before a row
+    write("adamw", True)
+    write("varlen_attn", False)  # died mid-suite
+    assert remaining(tmp_path, suites) == ["lora", "e2e"]
+    write("varlen_attn", True)
+    write("lora", True)
+    write("e2e", True)
+    assert remaining(tmp_path, suites) == []
+
+
+def test_gpu_check_runs_the_suites_after_a_failed_one_in_a_new_process(tmp_path):
+    """A suite whose process dies (here: an unknown suite name, refused at once) does not take
+    the suites after it along: they run again in a new process, and the call is marked failed."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PY=sys.executable, INSTALL="0", STEPS="bench",
+               SUITES="no_such_suite adamw", BENCH_ARGS="--sizes tiny", BENCH_DEVICE="cpu",
+               DEADLINE="500", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_check.log").read_text()
+    assert proc.returncode == 1, log
+    assert "=== benchmarks again, after the failed suite: adamw" in log
+    (results,) = out.glob("adamw-*.json")
+    assert json.loads(results.read_text())["complete"] is True
+    assert log.splitlines()[-1].startswith("=== done, status 1")
