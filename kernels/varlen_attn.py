@@ -290,11 +290,12 @@ def _varlen_attn_fwd_kernel(
 
 @triton.jit
 def _varlen_attn_bwd_preprocess_kernel(
-    out_ptr, dout_ptr, dlse_ptr, delta_ptr, total_q,
+    out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, total_q,
     stride_ot, stride_oh, stride_dot, stride_doh,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    # delta = rowsum(dout * out) - dlse, per (head, token), fp32.
+    # delta = rowsum(dout * out) - dlse, per (head, token), fp32. A row that sees no key (lse
+    # -inf, a constant) takes no dlse: an infinite one would make its p * (dp - delta) 0 * inf.
     head = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -305,7 +306,9 @@ def _varlen_attn_bwd_preprocess_kernel(
                     HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
-        delta -= tl.load(dlse_ptr + head * total_q + rows, mask=row_ok, other=0.0)
+        dlse = tl.load(dlse_ptr + head * total_q + rows, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + head * total_q + rows, mask=row_ok, other=0.0)
+        delta -= tl.where(lse == float("-inf"), 0.0, dlse)
     tl.store(delta_ptr + head * total_q + rows, delta, mask=row_ok)
 
 
@@ -681,7 +684,7 @@ def varlen_attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *
     if dlse is not None:
         dlse = dlse.float().contiguous()
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), nheads)](
-        out, dout, dlse, delta, total_q,
+        out, dout, lse, dlse, delta, total_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=flags["BLOCK_D"], HAS_DLSE=dlse is not None,
         num_warps=4)

@@ -216,6 +216,25 @@ def test_many_blocks_per_sequence(options):
                             config=SMALL_BLOCKS, **options)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_a_non_finite_lse_gradient_of_a_row_without_keys_is_dropped(device):
+    """The LSE of a query that sees no key is the constant -inf: an upstream inf there (a loss
+    that used it) has nothing to flow into, on both backends (the kernel made 0 * inf NaNs)."""
+    q, k, v, cu_q, cu_k = make([10, 6], [2, 6], 2, 1, 16, torch.float32, device)
+    grads = {}
+    dlse = torch.randn(2, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    dlse[0, 0], dlse[1, 3] = float("inf"), float("nan")
+    for backend in ("triton", "torch"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = varlen_attention(*leaves, cu_q, cu_k, causal=True, return_lse=True,
+                                    backend=backend)  # queries 0-7 see no key
+        assert lse[:, :8].isinf().all() and lse[:, 8:].isfinite().all()
+        grads[backend] = torch.autograd.grad([out, lse], leaves, [torch.ones_like(out), dlse])
+        assert all(g.isfinite().all() for g in grads[backend]), backend
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_lse_alone_and_out_alone_are_differentiable():
     q, k, v, cu_q, cu_k = make([30, 12], [30, 12], 2, 2, 32, torch.float32, "cpu")
     for pick in (0, 1):
@@ -422,6 +441,9 @@ def _bad_inputs():
     yield "cu first", dict(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32)), \
         ValueError, "start at 0"
     yield "window", dict(window_size=(-2, 0)), ValueError, "window_size"
+    yield "window None", dict(window_size=None), ValueError, "window_size"
+    yield "window bools", dict(window_size=(True, False)), ValueError, "window_size"
+    yield "window float", dict(window_size=(2.5, 0)), ValueError, "window_size"
     yield "softcap", dict(softcap=-1.0), ValueError, "softcap"
     yield "softcap inf", dict(softcap=float("inf")), ValueError, "finite"
     yield "scale nan", dict(softmax_scale=float("nan")), ValueError, "finite"

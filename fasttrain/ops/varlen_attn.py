@@ -212,8 +212,9 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size}")
+    if not _window_ok(window_size):
+        raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got "
+                         f"{window_size!r}")
     if not 0 <= softcap < math.inf:
         raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
     if dropout_p != 0.0:
@@ -222,6 +223,14 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout
         raise NotImplementedError("varlen_attention does not support alibi_slopes")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+
+
+def _window_ok(window_size) -> bool:
+    try:
+        return len(window_size) == 2 and all(
+            not isinstance(w, bool) and int(w) == w and w >= -1 for w in window_size)
+    except (TypeError, ValueError):
+        return False
 
 
 def _choose_backend(q: Tensor, backend: str | None) -> str:
@@ -269,7 +278,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
             or without them (accepted for drop-in compatibility).
         softmax_scale: default 1 / sqrt(headdim).
         causal: bottom-right aligned when lengths differ, as FlashAttention 2.
-        window_size: (left, right) keys visible around the diagonal; -1 = unbounded.
+        window_size: (left, right) keys visible around the diagonal; -1 = unbounded. Query i
+            of a sequence sees key j when i + len_k - len_q - left <= j <= i + len_k - len_q
+            + right, as FlashAttention documents it. (FlashAttention's kernels also read a
+            value >= max_seqlen_k as -1; that differs from the formula only for a right window
+            in [len_k, len_q - 1), without causal: there the first queries see fewer keys here.)
         softcap: scores become softcap * tanh(scores / softcap) when > 0.
         deterministic: accepted for compatibility; the backward is always deterministic
             (no atomics).
