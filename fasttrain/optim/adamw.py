@@ -6,7 +6,8 @@ all off by default:
 
 - ``max_grad_norm``: global gradient-norm clipping fused into the step (norm computed on the
   device over every group, no host sync; reduced across ranks for sharded DTensor params). The
-  unscaled, unclipped norm of the last step is kept in ``optimizer.last_grad_norm``.
+  unscaled, unclipped norm of the last step is kept in ``optimizer.last_grad_norm`` (a step
+  without any grad leaves it as it was; None before the first clipped step).
 - ``master_weights=True``: low-precision params get an fp32 copy in the state
   (``master_param``) that the update runs on.
 - ``stochastic_rounding=True``: bf16 params without a master copy are rounded stochastically.
