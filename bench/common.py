@@ -1,11 +1,14 @@
 """What every suite shares: timing, the bandwidth probe, the environment record, rows, output.
 
 Timing interleaves providers inside one process: each repetition runs every provider and the
-bandwidth probe once (round-robin, starting one further along each time), so clock, thermal and
-neighbour drift hit all of them alike. CPU: time.perf_counter around each call. CUDA: an event
-pair around each call, starting from an idle GPU, so the host's launch time (Python, checks,
-kernel launches) counts as a user sees it; do_bench (bench/tune.py) queues calls back to back
-and hides it. The elapsed times are read once at the end.
+probe once, in a fresh seeded random order, so clock, thermal and neighbour drift (what the
+previous call left in L2, the power state after a matmul) hit all of them alike. CPU:
+time.perf_counter around each call. CUDA: device time, an event pair around each call queued
+behind a short sleep kernel, so that the host issues the call while the GPU sleeps and the
+pair times the GPU's work alone, as in training, where the host runs ahead of the GPU (and as
+FlashAttention's and Triton's benchmarks time kernels). The host's time to issue each call
+(Python, checks, launches) is recorded beside it (``host_p50_ms``); the sleep is longer than
+that time, so it never shows in the device time. The elapsed times are read once at the end.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import subprocess
@@ -150,15 +154,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
             fns[name]()
     cuda = device.type == "cuda"
     samples = {name: [] for name in names}
+    host = {name: [] for name in names}
+    if cuda:
+        per_ms = _sleep_cycles_per_ms(device)
+        for name in names:  # one more call each: how long the host takes to issue it
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            host[name].append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize(device)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in random.Random(rep).sample(names, len(names)):
             if cuda:
-                # An idle GPU at the start event: launch overhead counts, and no queue left by
-                # the previous provider hides it.
                 torch.cuda.synchronize(device)
+                # the GPU sleeps longer than the host has ever taken to issue this call: the
+                # start event runs when the call's work is queued behind it
+                torch.cuda._sleep(int(per_ms * (0.05 + 1.5 * max(host[name]))))
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
+                t0 = time.perf_counter()
                 fns[name]()
+                host[name].append((time.perf_counter() - t0) * 1e3)
                 end.record()
                 samples[name].append((start, end))
             else:
@@ -169,8 +185,28 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
         torch.cuda.synchronize(device)
         samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
     keys = ("p50_ms", "p20_ms", "p80_ms")
-    return {name: dict(zip(keys, map(float, np.percentile(ms, [50, 20, 80]))))
-            for name, ms in samples.items()}
+    out = {name: dict(zip(keys, map(float, np.percentile(ms, [50, 20, 80]))))
+           for name, ms in samples.items()}
+    if cuda:
+        for name in names:
+            out[name]["host_p50_ms"] = float(np.median(host[name][1:]))
+    return out
+
+
+_SLEEP_RATE = {}  # device -> torch.cuda._sleep cycles per ms
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """How many cycles of ``torch.cuda._sleep`` last a millisecond on ``device`` (measured)."""
+    if device not in _SLEEP_RATE:
+        torch.cuda._sleep(1000)  # the first launch loads the kernel
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE[device] = 10_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_RATE[device]
 
 
 def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> torch.cuda.CUDAGraph:
@@ -222,6 +258,25 @@ def git_sha() -> str:
     return os.environ.get("FASTTRAIN_GIT_SHA", "").strip() or "unknown"
 
 
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD (the results then come from uncommitted code);
+    without a checkout, what ``FASTTRAIN_GIT_DIRTY`` says (from the carried .git_sha), or None
+    where nothing says."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        out = None
+    if out is not None and out.returncode == 0:
+        return bool(out.stdout.strip())
+    flag = os.environ.get("FASTTRAIN_GIT_DIRTY")
+    return None if flag is None else flag == "1"
+
+
+PEERS = ("transformers", "peft", "accelerate", "flash_attn", "flash-attn", "bitsandbytes",
+         "torchao", "apex", "liger_kernel", "numpy")
+
+
 def environment(device: torch.device, argv: list[str]) -> dict:
     """The fields every row carries so that a results file stands on its own."""
     return {
@@ -234,6 +289,8 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "python": platform.python_version(),
         "load_avg_1min": os.getloadavg()[0],  # before the run: other work on the machine
         "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
+        "packages": {name: v for name in PEERS if (v := _version(name)) is not None},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "bench", *argv]),
     }

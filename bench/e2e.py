@@ -14,9 +14,9 @@ Every stack starts from the same weights and sees the same sequences in the same
 loss of a step is the sum of token losses over the step's real tokens divided by their count,
 so the stacks compute the same quantity and their loss curves must agree (reported as the max
 difference from the baseline's). Runs: ``lora`` (r=16 on every linear layer of the blocks, no
-dropout) and ``full`` (all weights). Reported per stack: step time (median and p20-p80 over the
-timed steps), real (non-padding) tokens/s, peak memory (CUDA). CPU: a tiny model, to show the
-whole path works; GPU: a ~1B model.
+dropout, adapters in the model's dtype in both stacks) and ``full`` (all weights). Reported per
+stack: step time (median and p20-p80 over the timed steps), real (non-padding) tokens/s, peak
+memory (CUDA). CPU: a tiny model, to show the whole path works; GPU: a ~1B model.
 """
 from __future__ import annotations
 
@@ -145,7 +145,10 @@ def build(ctx: Context, s: Setup, run: str, stack: str):
         lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"])
-        model = peft.get_peft_model(model, lora)
+        # adapters in the model's dtype in both stacks (peft's default would keep them in fp32
+        # and run the baseline's LoRA terms in fp32 on fp32 copies of x, which fasttrain's fused
+        # op does not): the stacks differ in their kernels and packing, not in precision
+        model = peft.get_peft_model(model, lora, autocast_adapter_dtype=False)
         if fused_lora:
             from fasttrain.integrations.peft import fuse_lora
 

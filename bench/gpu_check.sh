@@ -4,7 +4,8 @@
 # session gets one full call and, only while the machine is still warm (30 s after a call),
 # one short one (bench/NOTES.md, "Plan of device calls"):
 #
-#   git rev-parse HEAD > .git_sha                  # here first: the results' sha (carry it)
+#   git rev-parse HEAD > .git_sha; git diff --quiet HEAD || echo dirty >> .git_sha  # here
+#                                                  # first: the results' sha (carry it)
 #   bash bench/gpu_check.sh                        # call 1, timeout_s=600: the default plan
 #   DEADLINE=150 STEPS=bench SUITES=lora BENCH_ARGS=--quick bash bench/gpu_check.sh  # call 2
 #   STEPS=tune bash bench/gpu_check.sh             # the config sweep, in a session of its own
@@ -46,7 +47,11 @@ source scripts/cuda_home.sh  # CUDA_HOME for the extension's build, nvcc first o
 PATH="$(dirname "$($PY -c 'import sys; print(sys.executable)')"):$PATH"  # its ninja
 # The results' git sha: the copy sent to the device has no .git (run `git rev-parse HEAD >
 # .git_sha` here and carry .git_sha, or pass FASTTRAIN_GIT_SHA)
-[ -f .git_sha ] && export FASTTRAIN_GIT_SHA=${FASTTRAIN_GIT_SHA:-$(cat .git_sha)}
+# (a second line "dirty": tracked files differed from that commit; the results say so)
+if [ -f .git_sha ]; then
+  export FASTTRAIN_GIT_SHA=${FASTTRAIN_GIT_SHA:-$(head -n 1 .git_sha)}
+  grep -qx dirty .git_sha && export FASTTRAIN_GIT_DIRTY=${FASTTRAIN_GIT_DIRTY:-1}
+fi
 status=0
 
 step() { echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }

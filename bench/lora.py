@@ -73,7 +73,15 @@ def _torch_addmm(t, w):
     return fwd, [t["x"], t["lora_A"], t["lora_B"]]
 
 
-def _peft(t, w):
+def _peft(autocast_adapter_dtype: bool) -> Make:
+    """peft's LoRA Linear. By default (``autocast_adapter_dtype=True``) peft keeps bf16/fp16
+    adapters in fp32, so its LoRA term runs in fp32 on an fp32 copy of x: ``peft`` is that
+    default, ``peft[no-upcast]`` the adapters in the input dtype (the same precision as
+    fasttrain's). The verdict compares fasttrain with the faster of the two."""
+    return lambda t, w: _peft_layer(t, w, autocast_adapter_dtype)
+
+
+def _peft_layer(t, w, autocast_adapter_dtype):
     from peft import LoraConfig, get_peft_model
 
     class Wrap(torch.nn.Module):
@@ -82,7 +90,8 @@ def _peft(t, w):
             self.lin = torch.nn.Linear(w["K"], w["N"], device=t["x"].device, dtype=t["x"].dtype)
 
     model = get_peft_model(Wrap(), LoraConfig(r=w["r"], lora_alpha=ALPHA_OVER_R * w["r"],
-                                              lora_dropout=w["p"], target_modules=["lin"]))
+                                              lora_dropout=w["p"], target_modules=["lin"]),
+                           autocast_adapter_dtype=autocast_adapter_dtype)
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.base_layer.weight.copy_(t["weight"])
@@ -111,7 +120,8 @@ def _fasttrain(backend: str) -> Make:
 
 PROVIDERS: dict[str, Make] = {
     BASELINE: _base,
-    "peft": _peft,
+    "peft": _peft(True),
+    "peft[no-upcast]": _peft(False),
     "torch-3matmul": _torch_3matmul,
     "torch-addmm": _torch_addmm,
     "fasttrain-triton": _fasttrain("triton"),
@@ -230,7 +240,7 @@ def run(ctx: Context) -> Iterator[list[dict]]:
                                                                          scaling=ALPHA_OVER_R)),
                          "dtype": str(dtype).removeprefix("torch."), **timing,
                          "reps": ctx.reps, "probe_tflops": probe_tflops,
-                         "timing": "cuda-events" if ctx.cuda else "perf_counter",
+                         "timing": "cuda-events, device time" if ctx.cuda else "perf_counter",
                          "bytes": n_bytes, "bytes_per_param": n_bytes / (w["M"] * w["K"]),
                          "flops": n_flops,
                          "saved_bytes": info[name].get("saved_bytes"),

@@ -358,7 +358,7 @@ def measure(ctx: Context, workload: str, s: Shape, x: Inputs, ref: dict[str, tor
         rows += [{"kernel": "varlen_attn", "provider": name, "mode": mode, "workload": label,
                   "config": json.dumps(config), "dtype": dtype, **timings[name],
                   "reps": ctx.reps, "flops": flops(lens, s, mode), "probe_tflops": probe_tflops,
-                  "timing": "cuda-events" if ctx.cuda else "perf_counter",
+                  "timing": "cuda-events, device time" if ctx.cuda else "perf_counter",
                   "rel_err": errs[name], "rel_err_reference": "fp32 (upcast inputs)"}
                  for name in fns]
     return rows

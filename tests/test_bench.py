@@ -469,13 +469,46 @@ def test_targets_take_the_newest_file_with_the_rows_and_say_why_not(tmp_path):
     assert bwd.verdict == "not measured"
     assert "skipped in new.json: torch-varlen: torch 2.4 has no" in bwd.note
     assert v["varlen attention bwd vs FlexAttention (document mask)"].verdict == "met"
-    assert v["LoRA linear fwd+bwd vs peft"].note == "no cuda results of lora"
+    assert v["LoRA linear fwd+bwd vs peft (the faster of fp32 and bf16 adapters)"].note == \
+        "no cuda results of lora"
+
+
+def test_targets_say_when_a_newer_run_lacks_the_rows_and_refuse_mixed_timing(tmp_path):
+    """An older "met" is shown with the newer run that failed to measure it (git sha and why);
+    providers timed differently (a graph against eager) are not compared."""
+    older = _results(tmp_path, "old.json", "varlen_attn", "cuda", _attn_rows(4e-3, 3e-3),
+                     timestamp="2026-11-01T00:00:00+00:00")
+    newer = _results(tmp_path, "new.json", "varlen_attn", "cuda",
+                     [r for r in _attn_rows(4e-3, 3e-3) if r["provider"] != "fasttrain"],
+                     skipped=["fasttrain: RuntimeError: CUDA error: an illegal memory access"])
+    fwd = _verdicts([older, newer])["varlen attention fwd vs torch varlen (FA2 kernel)"]
+    assert fwd.verdict == "met" and fwd.doc["path"].name == "old.json"
+    assert "from an older run" in fwd.note and "new.json" in fwd.note
+    assert "illegal memory access" in fwd.note
+    fp32 = dict(workload="1B/300", mode="step", dtype="float32")
+    mixed = _results(tmp_path, "adamw.json", "adamw", "cuda", [
+        dict(provider="torch-fused", p50_ms=30.0, timing="cuda-events, eager", **fp32),
+        dict(provider="fasttrain-triton", p50_ms=9.0, timing="cuda-graph", **fp32)])
+    step = _verdicts([mixed])["AdamW step fp32 vs torch fused"]
+    assert step.verdict == "not measured" and "not comparable" in step.note
+
+
+def test_lora_target_takes_the_faster_peft(tmp_path):
+    common = dict(workload="M=8192 K=4096 N=4096 r=16 p=0.0", mode="fwd+bwd", dtype="bfloat16")
+    doc = _results(tmp_path, "lora.json", "lora", "cuda", [
+        dict(provider="peft", p50_ms=3.0, **common),
+        dict(provider="peft[no-upcast]", p50_ms=2.0, **common),
+        dict(provider="fasttrain-triton", p50_ms=1.6, **common)])
+    v = _verdicts([doc])["LoRA linear fwd+bwd vs peft (the faster of fp32 and bf16 adapters)"]
+    assert v.verdict == "missed" and v.figure == pytest.approx(1.25)
 
 
 def test_targets_end_to_end_and_table(tmp_path):
     from bench import targets
-    rows = [dict(provider="baseline", tokens_per_s=10_000.0, peak_bytes=40e9),
-            dict(provider="fasttrain", tokens_per_s=16_000.0, peak_bytes=30e9)]
+    rows = [dict(provider="baseline", tokens_per_s=10_000.0, peak_bytes=40e9,
+                 losses=[10.4, 10.3], loss_max_abs_diff=None),
+            dict(provider="fasttrain", tokens_per_s=16_000.0, peak_bytes=30e9,
+                 losses=[10.4, 10.31], loss_max_abs_diff=0.01)]
     doc = _results(tmp_path, "e2e.json", "e2e", "cuda", [
         dict(r, workload="llama-1B", mode="lora", dtype="bfloat16", p50_ms=1.0) for r in rows])
     v = _verdicts([doc])
@@ -486,6 +519,13 @@ def test_targets_end_to_end_and_table(tmp_path):
     assert "| 1.60x | >= 1.5x | met | NVIDIA H200 |" in text
     assert f"2 met, 0 missed, {len(targets.TARGETS) - 2} not measured" in text
     assert "`e2e.json` (git `0123456789ab`)" in text
+    # a stack that trains differently (loss 0.5 off, over 1% of 10.4) meets nothing
+    rows[1].update(losses=[10.4, 10.8], loss_max_abs_diff=0.5)
+    doc = _results(tmp_path, "e2e.json", "e2e", "cuda", [
+        dict(r, workload="llama-1B", mode="lora", dtype="bfloat16", p50_ms=1.0) for r in rows])
+    tokens = _verdicts([doc])[
+        "end to end LoRA fine-tune, tokens/s vs HF + peft + torch AdamW + SDPA padded"]
+    assert tokens.verdict == "missed (accuracy)" and "loss curves differ" in tokens.note
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
