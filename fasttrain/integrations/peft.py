@@ -5,10 +5,10 @@ one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.L
 layer (not a subclass with its own forward, such as a fake-quantized one) that is not
 ``fan_in_fan_out``, nn.Dropout or no dropout, no hooks on the base layer or wrapper of the
 layer's forward (accelerate's). Other layers stay on peft's path; the returned report says
-which and why. A fused layer runs the adapter active at call
-time (``set_adapter`` works), and hands back to peft's own forward whenever it no longer
-qualifies (adapters disabled or merged, several active adapters, extra forward arguments such as
-``adapter_names``, x not in the base weight's dtype outside ``torch.autocast``). Adapter
+which and why. A fused layer runs the adapter active at call time (``set_adapter`` works), and
+hands back to peft's own forward whenever it no longer qualifies (adapters disabled or merged,
+several active adapters, extra forward arguments such as ``adapter_names``, x not in the base
+weight's dtype outside ``torch.autocast``). Adapter
 weights kept in fp32 over a bf16/fp16 base (peft's autocast_adapter_dtype) are cast to the base
 dtype for the fused op (the gradients flow back to the fp32 parameters). ``unfuse_lora(model)``
 or ``report.undo()`` restores peft's forward. ``nn.DataParallel``'s replicas of a fused layer

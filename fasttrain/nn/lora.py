@@ -31,9 +31,8 @@ class LoRALinear(nn.Module):
     weight: fp32 to about an ulp, bf16/fp16 to theirs). A base layer that overrides
     nn.Linear's forward (fake quantization, ...), has forward hooks or pre-hooks (pruning,
     accelerate's offloading, the user's) or a wrapped forward runs its own forward, with the
-    update added unfused. A merged module's
-    state_dict holds the merged weight and does not say so (as peft's): load it into a plain
-    nn.Linear, or unmerge before saving.
+    update added unfused. A merged module's state_dict holds the merged weight and does not say
+    so (as peft's): load it into a plain nn.Linear, or unmerge before saving.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8.0,
