@@ -308,3 +308,70 @@ def test_flash_attention_kwargs_are_honoured_for_any_batch_shape():
         torch.testing.assert_close(got[s:e], _sdpa(*part, None)[0])
     with pytest.raises(ValueError, match="together"):
         _attend(q, k, v, cu_seq_lens_q=cu)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_rows_in_a_batch_match_sdpa(arch):
+    """Position ids restarting inside several rows (and a jump, which sdpa also reads as a new
+    sequence); a (1, len) row shared by the batch is one plain sequence per row."""
+    ref, fast = models(arch)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.tensor([list(range(5)) + list(range(7)),
+                                 list(range(12)),
+                                 [0, 1, 2, 5, 6, 7, 0, 1, 2, 3, 0, 1]])
+    with torch.no_grad():
+        for pos in (position_ids, torch.arange(12)[None]):
+            # no cache: transformers reads packing from position ids only without one
+            torch.testing.assert_close(fast(ids, position_ids=pos, use_cache=False).logits,
+                                       ref(ids, position_ids=pos, use_cache=False).logits,
+                                       rtol=1e-4, atol=1e-5)
+        # the first row's two sequences, each alone
+        alone = torch.cat([ref(ids[:1, :5]).logits, ref(ids[:1, 5:]).logits], 1)
+        torch.testing.assert_close(fast(ids, position_ids=position_ids).logits[:1], alone,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "indices"])
+def test_attention_patterns_fasttrain_does_not_compute_are_refused(name):
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=name):
+        _attend(q, k, v, **{name: torch.zeros(1, 2, 6, 6)})
+
+
+def test_a_four_dimensional_mask_is_refused():
+    q, k, v = (torch.randn(2, 2, 6, 16) for _ in range(3))
+    from fasttrain.integrations.transformers import attention_forward
+
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        attention_forward(_Attention(), q, k, v, torch.ones(2, 1, 6, 6, dtype=torch.bool))
+
+
+def test_mask_overlays_and_chunked_attention_are_refused():
+    from types import SimpleNamespace
+
+    from fasttrain.integrations.transformers import padding_mask
+
+    with pytest.raises(NotImplementedError, match="overlay"):
+        padding_mask(2, 6, 6, use_vmap=True, config=SimpleNamespace())
+    with pytest.raises(NotImplementedError, match="attention_chunk_size"):
+        padding_mask(2, 6, 6, config=SimpleNamespace(attention_chunk_size=4))
+    assert padding_mask(2, 4, 4, config=SimpleNamespace(attention_chunk_size=4)) is None
+
+
+def test_gemma3_bidirectional_attention_matches_sdpa():
+    """use_bidirectional_attention: an or-overlay making every layer two-sided (the sliding
+    layers within the window), which the modules' is_causal=False carries."""
+    cfg = transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=4, use_bidirectional_attention=True,
+                                        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    ref = transformers.Gemma3TextModel(copy.deepcopy(cfg)).eval()
+    cfg._attn_implementation = "fasttrain"
+    fast = transformers.Gemma3TextModel(cfg).eval()
+    fast.load_state_dict(ref.state_dict())
+    assert (ref.config._attn_implementation, fast.config._attn_implementation) == ("sdpa",
+                                                                                   "fasttrain")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).last_hidden_state, ref(ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)

@@ -345,8 +345,12 @@ def test_unpad_pad_and_cu_seqlens_helpers():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     cu_pos, max_pos = cu_seqlens_from_position_ids(pos)
     assert cu_pos.tolist() == [0, 3, 5, 9] and max_pos == 4
+    rows = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])  # each row starts a sequence
+    assert cu_seqlens_from_position_ids(rows)[0].tolist() == [0, 3, 5, 9, 10]
     with pytest.raises(ValueError, match="start at 0"):
         cu_seqlens_from_position_ids(torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match="every row"):  # a second row continuing the first
+        cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2], [3, 4, 0]]))
 
 
 def test_cpu_cu_seqlens_written_behind_torchs_back_are_read_again():

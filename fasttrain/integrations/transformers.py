@@ -9,10 +9,11 @@ Three input layouts reach the attention function, as with FlashAttention 2 in tr
   sequences and padded back (padding positions get zeros); in non-causal attention without a
   window only the keys are unpadded and every query attends, as with sdpa (cross-attention's
   mask is the encoder's: it does not say which decoder tokens are real);
-- a packed row from ``DataCollatorWithFlattening``: ``cu_seq_lens_q/k`` in the model kwargs
-  (``return_flash_attn_kwargs=True``; no host sync), or position ids restarting at 0 (one host
+- packed rows (``DataCollatorWithFlattening``): ``cu_seq_lens_q/k`` in the model kwargs
+  (``return_flash_attn_kwargs=True``; no host sync), or position ids that restart (a sequence
+  starts wherever a position is not the previous one + 1, in any row, as with sdpa; one host
   read per forward, shared by all layers);
-- a batch without padding: equal lengths, no host sync.
+- a batch without padding: equal lengths (no host sync without position ids).
 Sliding windows (``sliding_window`` of Mistral/Qwen2/Gemma layers: the query and the
 ``sliding_window - 1`` keys on each side, the right side cut when causal), GQA, logit softcap
 (Gemma 2) and value head dims smaller than the query's (MLA) come from the modules; static KV
@@ -24,12 +25,15 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fasttrain.ops.padding import cu_seqlens_from_lengths, cu_seqlens_from_position_ids, pad
+from fasttrain.ops.padding import cu_seqlens_from_lengths, pad
 from fasttrain.ops.varlen_attn import varlen_attention
 
 NAME = "fasttrain"
 _POSITION_CU = WeakIdKeyDictionary()  # position_ids tensor -> (version, cu_seqlens or None)
 _UNPAD = WeakIdKeyDictionary()  # 2-D attention mask -> (version, {q_len: unpad data})
+# attention-function kwargs of patterns fasttrain does not compute (refused, never dropped):
+# T5-style relative position bias, attention sinks, sparse (DSA/NSA) key indices
+_UNSUPPORTED = ("position_bias", "sinks", "indices", "block_indices")
 
 
 def register(name: str = NAME, *, backend: str | None = None) -> str:
@@ -57,9 +61,26 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     are masked too: transformers' generate() drops all-ones masks for implementations it does
     not know as flash, which would otherwise let queries attend to those slots. Bidirectional
     masks (transformers passes them ``allow_is_bidirectional_skip``) are left as they are:
-    for cross-attention, kv_length is the encoder's length, not a cache's."""
+    for cross-attention, kv_length is the encoder's length, not a cache's.
+
+    Patterns a 2-D mask cannot carry are refused rather than dropped: mask overlays
+    (``or_mask_function``/``and_mask_function``, e.g. Gemma 3's bidirectional image tokens;
+    a model-wide ``use_bidirectional_attention`` is honoured, its layers are non-causal) and
+    chunked attention (Llama 4's ``attention_chunk_size``) longer than one chunk."""
     from transformers.masking_utils import flash_attention_mask
 
+    config = kwargs.get("config")
+    if kwargs.get("use_vmap") and not getattr(config, "use_bidirectional_attention", False):
+        raise NotImplementedError(
+            "attn_implementation='fasttrain' supports padding, packing, causal and sliding-window "
+            "masks only; this model adds a custom mask overlay (or_mask_function/"
+            "and_mask_function, e.g. bidirectional attention over image tokens)")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None and int(kv_offset) + kv_length > chunk:
+        raise NotImplementedError(
+            f"attn_implementation='fasttrain' has no chunked attention: the model's "
+            f"attention_chunk_size ({chunk}) is shorter than the {int(kv_offset) + kv_length} "
+            f"tokens attended")
     mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 mask_function, attention_mask, **kwargs)
     if mask is None and "allow_is_bidirectional_skip" not in kwargs:
@@ -76,20 +97,25 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _packed_cu(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """cu_seqlens of a packed row (position ids that are not consecutive, as transformers'
-    FlashAttention path decides it), or None for one plain sequence. Read once per
-    position_ids tensor: every layer gets the same one."""
+def _packed_cu(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """cu_seqlens over the flattened batch of packed rows, or None when every row is one plain
+    sequence. A sequence starts at each row's start and wherever a position does not continue
+    the previous one by +1, as transformers' sdpa mask reads packed position ids (its
+    ``find_packed_sequence_indices``; a (1, len) row is shared by the batch). Read once per
+    position_ids tensor (one host sync per forward): every layer gets the same one."""
     version = _version(position_ids)
     hit = _POSITION_CU.get(position_ids) if version is not None else None
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    pos = position_ids.reshape(-1)
+    if hit is not None and hit[0] == version and hit[1] == batch:
+        return hit[2]
+    pos = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos.diff(dim=-1) != 1
     cu = None
-    if pos.numel() > 1 and bool((pos.diff() != 1).any()):  # [0, 0, 1]: a restart too
-        cu, _ = cu_seqlens_from_position_ids(pos - pos.min())  # each restart at the minimum
+    if bool(starts[:, 1:].any()):
+        index = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
+        cu = torch.cat([index, index.new_tensor([starts.numel()])])
     if version is not None:
-        _POSITION_CU[position_ids] = (version, cu)
+        _POSITION_CU[position_ids] = (version, batch, cu)
     return cu
 
 
@@ -126,11 +152,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (batch, kv_heads, kv_len, d or d_v), attention_mask None or (batch, seen) bool.
     Returns ((batch, q_len, heads, d_v), None): no attention weights."""
     if dropout and module.training:
-        raise NotImplementedError("attn_implementation='fasttrain' has no attention dropout; "
-                                  "set the config's attention_dropout to 0")
+        raise NotImplementedError(
+            f"attn_implementation='fasttrain' has no attention dropout (p={dropout} in "
+            f"training): set the model's attention dropout probability to 0 in its config")
     if s_aux is not None:
         raise NotImplementedError("attn_implementation='fasttrain' does not support attention "
                                   "sinks (s_aux)")
+    unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"attn_implementation='fasttrain' does not support "
+                                  f"{', '.join(unsupported)} (passed by this model's attention)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation='fasttrain' takes a 2-D padding mask (batch, kv_len) from its "
+            f"mask interface; got a {attention_mask.dim()}-D mask "
+            f"{tuple(attention_mask.shape)} (a custom mask prepared outside transformers' mask "
+            f"functions: pass the 2-D mask, or position ids / cu_seq_lens for packed rows)")
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fasttrain' cannot return attention weights")
     batch, nheads, q_len, head_dim = query.shape
@@ -173,12 +210,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = attend(*flat, cu_q.int(), cu_k.int())
         return out.view(batch, q_len, nheads, v_dim), None
     position_ids = kwargs.get("position_ids")
-    # one row of position ids per token only (not multimodal rope's (3, 1, L) positions, which
-    # transformers 5 replaces here by the text positions)
-    if (batch == 1 and q_len == k.shape[1] and position_ids is not None
-            and position_ids.numel() == q_len):
-        cu = _packed_cu(position_ids)
-        if cu is not None:  # packed row, sequences found from the position ids
-            return attend(*flat, cu, cu)[None], None
+    # one row of position ids per token, or one row shared by the batch (not multimodal rope's
+    # (3, 1, L) positions, which transformers 5 replaces here by the text positions)
+    if (q_len == k.shape[1] and q_len > 1 and position_ids is not None
+            and position_ids.shape[-1] == q_len and position_ids.numel() in (q_len, batch * q_len)):
+        cu = _packed_cu(position_ids, batch)
+        if cu is not None:  # packed rows, sequences found from the position ids
+            return attend(*flat, cu, cu).view(batch, q_len, nheads, v_dim), None
     out = attend(*flat, _arange_cu(batch, q_len, q.device), _arange_cu(batch, k.shape[1], q.device))
     return out.view(batch, q_len, nheads, v_dim), None

@@ -27,12 +27,17 @@ def cu_seqlens_from_mask(attention_mask: Tensor) -> tuple[Tensor, int]:
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
     """(cu_seqlens, max_seqlen) of packed rows whose position ids restart at 0 for each
     sequence (what ``DataCollatorWithFlattening`` produces). position_ids: (batch, seqlen) or
-    (seqlen,); rows are concatenated."""
-    pos = position_ids.reshape(-1)
-    if pos.numel() == 0:
-        return torch.zeros(1, dtype=torch.int32, device=pos.device), 0
-    if int(pos[0]) != 0:
-        raise ValueError("position_ids must start at 0 (each sequence's positions restart at 0)")
+    (seqlen,); rows are concatenated, each starting a sequence (so each must start at 0)."""
+    if position_ids.dim() not in (1, 2):
+        raise ValueError(f"position_ids must be (seqlen,) or (batch, seqlen), got "
+                         f"{tuple(position_ids.shape)}")
+    if position_ids.numel() == 0:
+        return torch.zeros(1, dtype=torch.int32, device=position_ids.device), 0
+    rows = position_ids.reshape(-1, position_ids.shape[-1])
+    if bool((rows[:, 0] != 0).any()):
+        raise ValueError("position_ids must start at 0 in every row (each sequence's positions "
+                         "restart at 0, and a sequence does not continue into the next row)")
+    pos = rows.reshape(-1)
     starts = torch.nonzero(pos == 0).flatten().to(torch.int32)
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
     return cu, int((cu[1:] - cu[:-1]).max())
