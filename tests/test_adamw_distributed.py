@@ -1,5 +1,8 @@
 """AdamW under DDP and FSDP2 (DTensor shards): 2 processes on CPU with gloo give the same result
-as one process on the full batch, including the clipping norm reduced across ranks."""
+as one process on the full batch, including the clipping norm reduced across ranks (also with
+sharded and plain params in one group, and after FSDP2 swaps the params' local tensors);
+Partial DTensor grads are reduced before the update; stochastic rounding without a seed rounds
+replicated params alike on both ranks."""
 import os
 import socket
 
@@ -24,15 +27,37 @@ def _data():
     return torch.randn(8, 16, generator=g), torch.randn(8, 7, generator=g)
 
 
-def _train(model, opt, x, y):
+def _train(model, opt, x, y, after_backward=None, after_step=None):
     norms = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
-        norms.append(opt.last_grad_norm.item())
+        if opt.max_grad_norm:
+            norms.append(opt.last_grad_norm.item())
+        if after_step is not None:
+            after_step(step)
     return norms
+
+
+def _reload_at(at, model):
+    def reload(step):
+        if step == at:
+            saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.to_empty(device="cpu")
+            model.load_state_dict(saved)
+    return reload
+
+
+def _average_grads(params):
+    def average():
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    return average
 
 
 def _worker(rank, world, port, mode, out_path):
@@ -42,10 +67,16 @@ def _worker(rank, world, port, mode, out_path):
         model = _model()
         x, y = _data()
         shard = slice(rank * 4, rank * 4 + 4)
+        after_backward = after_step = None
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
-            params = model.parameters()
-        else:
+        elif mode == "mixed":  # one group: a sharded layer and a plain one (grads averaged)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model[0])
+            after_backward = _average_grads(list(model[2].parameters()))
+        else:  # fsdp2; "fsdp2-reload": to_empty() + load_state_dict() after the second step
+            # give the same params new local tensors (new storage)
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -53,9 +84,11 @@ def _worker(rank, world, port, mode, out_path):
             for layer in (model[0], model[2]):
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            params = model.parameters()
-        opt = AdamW(params, lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM, backend="cpu")
-        norms = _train(model, opt, x[shard], y[shard])
+            if mode == "fsdp2-reload":
+                after_step = _reload_at(1, model)
+        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_NORM,
+                    backend="cpu")
+        norms = _train(model, opt, x[shard], y[shard], after_backward, after_step)
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
                 for p in model.parameters()]
         if rank == 0:
@@ -73,7 +106,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "mixed", "fsdp2-reload"])
 def test_two_ranks_equal_one_process(mode, tmp_path):
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, _free_port(), mode, str(out)), nprocs=2, join=True)
@@ -90,3 +123,78 @@ def test_two_ranks_equal_one_process(mode, tmp_path):
         assert abs(got - want) <= 1e-5 * want
     for got, want in zip(result["params"], model.parameters()):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _partial_worker(rank, world, port, out_path):
+    """A replicated DTensor param whose grad is Partial (each rank holds a part of the sum)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        full, grads = _partial_data()
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
+        opt = AdamW([p], lr=1e-2, max_grad_norm=MAX_NORM, backend="cpu")
+        for g in grads:
+            p.grad = DTensor.from_local(g[rank], mesh, [Partial()])
+            opt.step()
+        if rank == 0:
+            torch.save({"param": p.to_local().clone(), "norm": opt.last_grad_norm.item(),
+                        "grad_placements": p.grad.placements}, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _partial_data():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(6, 5, generator=gen), [torch.randn(2, 6, 5, generator=gen)
+                                              for _ in range(STEPS)]
+
+
+def test_a_partial_grad_is_reduced_before_the_update(tmp_path):
+    from torch.distributed.tensor import Replicate
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_partial_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=False)
+    full, grads = _partial_data()
+    p = torch.nn.Parameter(full.clone())
+    opt = AdamW([p], lr=1e-2, max_grad_norm=MAX_NORM, backend="cpu")
+    for g in grads:
+        p.grad = g.sum(0)
+        opt.step()
+    assert result["grad_placements"] == (Replicate(),)
+    assert abs(result["norm"] - opt.last_grad_norm.item()) <= 1e-6 * opt.last_grad_norm.item()
+    torch.testing.assert_close(result["param"], p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _rounding_worker(rank, world, port, backend, out_path):
+    """The same bf16 model and grads on each rank (as after DDP's all-reduce), each rank's RNG
+    seeded differently, stochastic rounding without a seed."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model().to(torch.bfloat16)
+        x, y = (t.to(torch.bfloat16) for t in _data())
+        torch.manual_seed(100 + rank)
+        opt = AdamW(model.parameters(), lr=1e-3, stochastic_rounding=True, backend=backend)
+        _train(model, opt, x, y)
+        mine = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        both = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(both, mine)
+        if rank == 0:
+            torch.save({"params": both, "seeds": opt.seed}, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_stochastic_rounding_rounds_replicated_params_alike_on_every_rank(backend, tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rounding_worker, args=(2, _free_port(), backend, str(out)), nprocs=2, join=True)
+    first, second = torch.load(out)["params"]
+    assert torch.equal(first, second)

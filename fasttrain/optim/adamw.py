@@ -10,7 +10,9 @@ all off by default:
   without any grad leaves it as it was; None before the first clipped step).
 - ``master_weights=True``: low-precision params get an fp32 copy in the state
   (``master_param``) that the update runs on.
-- ``stochastic_rounding=True``: bf16 params without a master copy are rounded stochastically.
+- ``stochastic_rounding=True``: bf16 params without a master copy are rounded stochastically
+  (noise keyed on ``seed``, the step and the tensor; without ``seed=``, one is drawn from torch's
+  RNG at the first step, rank 0's under torch.distributed).
 - ``state_dtype``: dtype of ``exp_avg``/``exp_avg_sq`` (default: like torch, the param's dtype,
   or fp32 with master weights). ``torch.bfloat16`` halves the state memory.
 - ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (automatic; see
@@ -160,15 +162,41 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _bucket_seed(seed, b):
-    """The stochastic-rounding seed of one bucket. The kernels key their noise on (seed, step,
-    index of the tensor in its bucket): mixing in the bucket's first param, (group, index),
-    keeps tensors of different buckets on different streams (splitmix64's finalizer)."""
-    z = (seed * 0x9E3779B97F4A7C15 + b.group_index * 0xBF58476D1CE4E5B9
-         + b.indices[0] * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+def _mix(*values):
+    """A 31-bit hash of integers (splitmix64's finalizer over a weighted sum)."""
+    z = 0
+    for k, v in enumerate(values):
+        z = (z + int(v) * (0x9E3779B97F4A7C15 + 2 * k)) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFF
+
+
+def _bucket_seed(seed, b):
+    """The stochastic-rounding seed of one bucket. The kernels key their noise on (seed, step,
+    index of the tensor in its bucket): mixing in the bucket's first param, (group, index),
+    keeps tensors of different buckets on different streams, and the rank, for sharded
+    DTensors, the shards of one param (replicated params need the same noise on every rank)."""
+    return _mix(seed, b.group_index, b.indices[0], b.rank)
+
+
+def _draw_seed():
+    """The stochastic-rounding seed when none is given: drawn from torch's RNG (reproducible
+    under torch.manual_seed), rank 0's under torch.distributed, so that replicated (DDP) params
+    round alike on every rank however each rank's RNG was seeded."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
+def _is_sharded(p):
+    return (DTensor is not None and isinstance(p, DTensor)
+            and not all(pl.is_replicate() for pl in p.placements))
 
 
 class AdamW(Optimizer):
@@ -366,8 +394,8 @@ class AdamW(Optimizer):
                 lr = float(lr)  # a CPU scalar read (no device sync) or the reference path
             stochastic = (self.stochastic_rounding and not b.has_master
                           and b.param_dtype == torch.bfloat16)
-            if stochastic and self.seed is None:  # reproducible under torch.manual_seed
-                self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            if stochastic and self.seed is None:
+                self.seed = _draw_seed()
             _STEP_FNS[b.backend](
                 self, b, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
@@ -437,11 +465,12 @@ class AdamW(Optimizer):
             _check_state(i, lp, state)
             layout = _layout(lp, [_local(g)] + [_local(state[key]) for key in _STATE_KEYS
                                                  if key in state])
+            # sharded DTensors apart: clipping all-reduces their sums of squares, not the others'
             key = (lp.device, lp.dtype, g.dtype, state["exp_avg"].dtype, "master_param" in state,
-                   layout)
+                   layout, _is_sharded(p))
             by_key[key].append((i, p, state))
         buckets = []
-        for (device, p_dtype, g_dtype, s_dtype, has_master, layout), items in by_key.items():
+        for (device, p_dtype, g_dtype, s_dtype, has_master, layout, _), items in by_key.items():
             backend = self._choose_backend(device, p_dtype, g_dtype, s_dtype, layout is not None,
                                            has_master)
             buckets.append(_Bucket(gi, group, device, p_dtype, g_dtype, s_dtype, has_master,
@@ -551,15 +580,32 @@ class _Bucket:
             if group["amsgrad"] else []
         self.masters = [_local(s["master_param"]) for s in states] if has_master else []
         self.steps = [s["step"] for s in states]
-        dtensors = [p for p in self.dparams if DTensor is not None and isinstance(p, DTensor)]
-        self.has_dtensor = bool(dtensors)
-        self.sharded = any(not all(pl.is_replicate() for pl in p.placements) for p in dtensors)
+        self.has_dtensor = any(DTensor is not None and isinstance(p, DTensor) for p in self.dparams)
+        self.sharded = any(map(_is_sharded, self.dparams))  # then all are (the bucket key)
+        if self.sharded:
+            import torch.distributed as dist
+
+            self.rank = dist.get_rank()
+        else:
+            self.rank = 0
+        # the local tensors the bucket holds views of: FSDP2 swaps a param's local tensor (e.g.
+        # on load_state_dict), which must regroup, not update the old one
+        self._locals = [getattr(p, "_local_tensor", None) for p in self.dparams] \
+            if self.has_dtensor else None
 
     def take_grads(self, grads):
         """Take this bucket's grads from the group's list of grads; False when one does not fit
         the bucket any more (another dtype or layout), which makes the optimizer regroup."""
         mine = [grads[i] for i in self.indices]
         if self.has_dtensor:
+            if not all(map(operator.is_, (getattr(p, "_local_tensor", None)
+                                          for p in self.dparams), self._locals)):
+                return False
+            for k, (p, g) in enumerate(zip(self.dparams, mine)):
+                if isinstance(g, DTensor) and g.placements != p.placements:
+                    # e.g. a Partial grad: placed as its param (a collective), as DTensor's
+                    # own ops would before the update; .grad holds the result
+                    mine[k] = p.grad = g.redistribute(p.device_mesh, p.placements)
             mine = [_local(g) for g in mine]
         dtype, fused = self.grad_dtype, self.backend != "torch"
         if self.backend == "cpu" and self.contiguous:  # in C++ (~0.2 us less a tensor)
@@ -595,7 +641,7 @@ class _Bucket:
         lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                  self.masters, self.steps)
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
-               self.has_master, self.contiguous)
+               self.has_master, self.contiguous, self.sharded)
         ptrs = _data_ptrs(lists)
         hit = cache.get(key)
         if hit is not None and hit[0] == self.generation and hit[1] == ptrs:
@@ -766,13 +812,18 @@ def _step_torch(opt, b, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgr
             exp_avg.copy_(m)
         if v is not exp_avg_sq:
             exp_avg_sq.copy_(v)
-        if p is not param:
-            param.copy_(stochastic_round_bf16(p) if stochastic else p)
+        if p is not param and stochastic:  # noise keyed on (seed, step, tensor), as the kernels'
+            gen = torch.Generator(device=param.device)
+            gen.manual_seed(_mix(seed, step, i))
+            param.copy_(stochastic_round_bf16(p, gen))
+        elif p is not param:
+            param.copy_(p)
 
 
-def stochastic_round_bf16(x):
+def stochastic_round_bf16(x, generator=None):
     """fp32 -> bf16 rounded up or down with probability proportional to the distance (unbiased)."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)
     bits = (x.view(torch.int32) + noise) & -65536  # clear the 16 low bits
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
 
