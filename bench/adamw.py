@@ -106,7 +106,9 @@ def variants(ctx: Context) -> list[Variant]:
         fp32["torch-foreach"] = _torch_adamw(foreach=True)
     if ctx.sizes in ("full", "tiny"):
         # the for-loop path is torch's default on CPU only (foreach on CUDA)
-        fp32 |= ({} if ctx.cuda else {"torch-forloop": _torch_adamw(foreach=False)}) | PEERS
+        fp32 |= {} if ctx.cuda else {"torch-forloop": _torch_adamw(foreach=False)}
+    if ctx.sizes != "quick":  # the peers installed, side by side (one not installed: a skip)
+        fp32 |= PEERS
     out = [Variant("step", torch.float32, fp32), Variant("clip+step", torch.float32, fp32)]
     if ctx.cuda and ctx.sizes != "quick":
         bf16 = {BASELINE: _torch_adamw(fused=True)}

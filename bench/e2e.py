@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
 import sys
 import time
@@ -187,6 +188,13 @@ def progress(label: str, done: int, total: int) -> None:
     print(f"\r  {label:28} [{bar}] {done}/{total} steps", end=end, file=sys.stderr, flush=True)
 
 
+def _model_bytes(model) -> int:
+    """Bytes of the model's params and buffers (allocated before the peak counter is reset)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(storages.values())
+
+
 def run_stack(ctx: Context, s: Setup, run: str, stack: str, steps) -> dict:
     model, opt = build(ctx, s, run, stack)
     packed = STACKS[stack][0]
@@ -194,9 +202,10 @@ def run_stack(ctx: Context, s: Setup, run: str, stack: str, steps) -> dict:
                else padded_microbatches(seqs, s.tokens_per_step, ctx.device) for seqs in steps]
     losses, times = [], []
     n_steps = 2 * len(steps)
-    if ctx.cuda:
+    if ctx.cuda:  # the stack's own peak: above what was allocated before (model included)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() - _model_bytes(model)
     # The same steps twice, only the second pass timed: the first compiles and autotunes for
     # every shape the timed steps have (Triton specializes on sizes; LoRA tunes per M bucket).
     for i, (seqs, micro) in enumerate(list(zip(steps, batches)) * 2):
@@ -204,7 +213,7 @@ def run_stack(ctx: Context, s: Setup, run: str, stack: str, steps) -> dict:
         losses.append(train_step(model, opt, micro, real_targets(seqs)))  # float(): syncs
         times.append(time.perf_counter() - start)
         progress(f"{run} {stack}", i + 1, n_steps)
-    peak = torch.cuda.max_memory_allocated() if ctx.cuda else None
+    peak = torch.cuda.max_memory_allocated() - before if ctx.cuda else None
     padded_tokens = sum(b["input_ids"].numel() for micro in batches for b in micro)
     del model, opt, batches
     gc.collect()

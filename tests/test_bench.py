@@ -574,3 +574,28 @@ def test_flex_is_timed_after_the_other_providers_rows(monkeypatch):
         assert {r["provider"] for r in second} == {va.FLEX}
         assert {r["workload"] for r in first} == {r["workload"] for r in second}
         assert all(max(r["rel_err"].values()) < 1e-5 for r in first + second)
+
+
+def test_e2e_model_bytes_count_shared_storage_once():
+    import torch
+
+    from bench.e2e import _model_bytes
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False),
+                                torch.nn.BatchNorm1d(10))
+    model[1].weight = model[0].weight  # tied (10x4 both), as LMs tie embeddings and head
+    # 10x4 fp32 shared weight + BatchNorm's weight, bias, running mean/var (10 each) and count
+    assert _model_bytes(model) == 4 * (40 + 4 * 10) + 8
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_adamw_targets_run_time_the_installed_peers_beside_torch(cuda):
+    from types import SimpleNamespace
+
+    from bench import adamw
+
+    for v in adamw.variants(SimpleNamespace(cuda=cuda, sizes="targets")):
+        if str(v.dtype) == "torch.float32":
+            assert set(adamw.PEERS) <= set(v.providers) and adamw.BASELINE in v.providers
+    quick = adamw.variants(SimpleNamespace(cuda=cuda, sizes="quick"))
+    assert not set(adamw.PEERS) & set(quick[0].providers)
