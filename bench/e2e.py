@@ -8,7 +8,11 @@ the baseline with one fasttrain piece at a time.
 - fasttrain: one packed row per step (position ids restarting at 0, labels masked at the
   boundaries, cu_seqlens as FlashAttention kwargs) through ``attn_implementation="fasttrain"``,
   peft LoRA layers patched by ``fuse_lora``, ``fasttrain.optim.AdamW``.
-- ``+attention``, ``+lora``, ``+adamw``: the baseline with that one piece from fasttrain.
+- ``+attention``, ``+lora``, ``+adamw``: the baseline with that one piece from fasttrain
+  (``+attention`` packs too: fasttrain's attention is what makes packing pay).
+- ``sdpa-packed``: the baseline on the packed rows, with transformers' own per-sequence mask
+  from the position ids: packing without a varlen kernel (sdpa attends over the whole row,
+  masked), which separates what packing gives from what the kernels give. Not in ``--targets``.
 
 Every stack starts from the same weights and sees the same sequences in the same order; the
 loss of a step is the sum of token losses over the step's real tokens divided by their count,
@@ -63,12 +67,13 @@ def setup(ctx: Context) -> Setup:
                  timed_steps=2 if tiny else 4, dtype=torch.float32)
 
 
-STACKS = {  # name: (packed varlen attention, fused LoRA, fasttrain AdamW), in the order run
-    "baseline": (False, False, False),
-    "fasttrain": (True, True, True),
-    "+attention": (True, False, False),
-    "+lora": (False, True, False),
-    "+adamw": (False, False, True),
+STACKS = {  # name: (packed rows, fasttrain attention, fused LoRA, fasttrain AdamW), as run
+    "baseline": (False, False, False, False),
+    "fasttrain": (True, True, True, True),
+    "+attention": (True, True, False, False),
+    "+lora": (False, False, True, False),
+    "+adamw": (False, False, False, True),
+    "sdpa-packed": (True, False, False, False),
 }
 
 
@@ -127,8 +132,8 @@ def build(ctx: Context, s: Setup, run: str, stack: str):
     """(model, optimizer) of one stack, from the same seed."""
     import transformers
 
-    packed, fused_lora, fast_adamw = STACKS[stack]
-    if packed:
+    _, fast_attention, fused_lora, fast_adamw = STACKS[stack]
+    if fast_attention:
         from fasttrain.integrations.transformers import register
 
         attn = register()

@@ -166,15 +166,16 @@ def test_varlen_errors_are_against_the_reference_in_the_packed_layout(causal):
 def test_e2e_suite_tiny(tmp_path):
     rows = run_suite("e2e", tmp_path)["rows"]
     assert {(r["mode"], r["provider"]) for r in rows} == {
-        ("lora", s) for s in ("baseline", "+attention", "+lora", "+adamw", "fasttrain")} | {
-        ("full", s) for s in ("baseline", "+attention", "+adamw", "fasttrain")}
+        ("lora", s) for s in ("baseline", "+attention", "+lora", "+adamw", "fasttrain",
+                              "sdpa-packed")} | {
+        ("full", s) for s in ("baseline", "+attention", "+adamw", "fasttrain", "sdpa-packed")}
     for r in rows:
         config = json.loads(r["config"])
         assert r["tokens_per_s"] > 0 and 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
         assert len(r["losses"]) == 2 * config["timed_steps"]  # an untimed pass, a timed one
         # every stack computes the same loss from the same weights and data (fp32 here)
         assert r["loss_max_abs_diff"] <= 1e-4 * r["losses"][0], r
-        packed = r["provider"] in ("+attention", "fasttrain")
+        packed = r["provider"] in ("+attention", "fasttrain", "sdpa-packed")
         assert (config["computed_tokens"] == config["real_tokens"]) == packed
         assert config["computed_tokens"] >= config["real_tokens"]
 
