@@ -171,30 +171,72 @@ def test_a_partial_grad_is_reduced_before_the_update(tmp_path):
     torch.testing.assert_close(result["param"], p.detach(), rtol=1e-6, atol=1e-7)
 
 
-def _rounding_worker(rank, world, port, backend, out_path):
-    """The same bf16 model and grads on each rank (as after DDP's all-reduce), each rank's RNG
-    seeded differently, stochastic rounding without a seed."""
+def _rounding_worker(rank, world, port, backend, layout, out_path):
+    """The same bf16 params and grads on each rank (as after DDP's all-reduce, or the replicas of
+    HSDP: a (2, 1) mesh, replicated over its first dim), each rank's RNG seeded differently,
+    stochastic rounding without a seed."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _model().to(torch.bfloat16)
         x, y = (t.to(torch.bfloat16) for t in _data())
+        if layout == "hsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Replicate, Shard, distribute_module, \
+                distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world, 1))
+            distribute_module(model, mesh, lambda name, module, mesh: [
+                module.register_parameter(n, torch.nn.Parameter(distribute_tensor(
+                    p.data, mesh, [Replicate(), Shard(0)]))) for n, p in
+                list(module.named_parameters(recurse=False))])
         torch.manual_seed(100 + rank)
         opt = AdamW(model.parameters(), lr=1e-3, stochastic_rounding=True, backend=backend)
+        if layout == "hsdp":
+            x = distribute_tensor(x, mesh, [Replicate(), Replicate()])
+            y = distribute_tensor(y, mesh, [Replicate(), Replicate()])
         _train(model, opt, x, y)
-        mine = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        mine = torch.cat([(p.to_local() if hasattr(p, "to_local") else p).detach().float()
+                          .flatten() for p in model.parameters()])
         both = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(both, mine)
         if rank == 0:
-            torch.save({"params": both, "seeds": opt.seed}, out_path)
+            torch.save({"params": both}, out_path)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_stochastic_rounding_rounds_replicated_params_alike_on_every_rank(backend, tmp_path):
+@pytest.mark.parametrize("backend,layout", [("cpu", "ddp"), ("torch", "ddp"), ("cpu", "hsdp")])
+def test_stochastic_rounding_rounds_replicated_params_alike_on_every_rank(backend, layout,
+                                                                          tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rounding_worker, args=(2, _free_port(), backend, str(out)), nprocs=2, join=True)
+    mp.spawn(_rounding_worker, args=(2, _free_port(), backend, layout, str(out)), nprocs=2,
+             join=True)
     first, second = torch.load(out)["params"]
     assert torch.equal(first, second)
+
+
+def _one_rank_steps_worker(rank, world, port, out_path):
+    """Only rank 0 steps (e.g. the only rank with bf16 params): the seed's broadcast happened
+    at construction, so step() waits on no other rank."""
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        model = _model().to(torch.bfloat16)
+        opt = AdamW(model.parameters(), lr=1e-3, stochastic_rounding=True, backend="cpu")
+        if rank == 0:
+            x, y = (t.to(torch.bfloat16) for t in _data())
+            _train(model, opt, x, y)
+            torch.save({"seed": opt.seed}, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_with_stochastic_rounding_is_no_collective(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_one_rank_steps_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    assert isinstance(torch.load(out)["seed"], int)

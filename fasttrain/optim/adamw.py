@@ -12,7 +12,8 @@ all off by default:
   (``master_param``) that the update runs on.
 - ``stochastic_rounding=True``: bf16 params without a master copy are rounded stochastically
   (noise keyed on ``seed``, the step and the tensor; without ``seed=``, one is drawn from torch's
-  RNG at the first step, rank 0's under torch.distributed).
+  RNG at the first step, or under torch.distributed rank 0's at construction: a broadcast on
+  the default group that every rank must reach; pass ``seed=`` where not all ranks build one).
 - ``state_dtype``: dtype of ``exp_avg``/``exp_avg_sq`` (default: like torch, the param's dtype,
   or fp32 with master weights). ``torch.bfloat16`` halves the state memory.
 - ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (automatic; see
@@ -175,28 +176,34 @@ def _mix(*values):
 def _bucket_seed(seed, b):
     """The stochastic-rounding seed of one bucket. The kernels key their noise on (seed, step,
     index of the tensor in its bucket): mixing in the bucket's first param, (group, index),
-    keeps tensors of different buckets on different streams, and the rank, for sharded
-    DTensors, the shards of one param (replicated params need the same noise on every rank)."""
-    return _mix(seed, b.group_index, b.indices[0], b.rank)
+    keeps tensors of different buckets on different streams, and for sharded DTensors the
+    shard's coordinates on the mesh dims it is sharded over, the shards of one param (the
+    ranks holding the same shard or a replicated param need the same noise)."""
+    return _mix(seed, b.group_index, b.indices[0], *b.shard)
 
 
-def _draw_seed():
-    """The stochastic-rounding seed when none is given: drawn from torch's RNG (reproducible
-    under torch.manual_seed), rank 0's under torch.distributed, so that replicated (DDP) params
-    round alike on every rank however each rank's RNG was seeded."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+def _shard_of(p):
+    """() for a plain or replicated param, else the coordinates of a DTensor's shard on the
+    mesh dims it is not replicated over (the same on the ranks that hold the same shard)."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return ()
+    coordinate = p.device_mesh.get_coordinate()
+    return tuple(coordinate[d] for d, pl in enumerate(p.placements) if not pl.is_replicate())
+
+
+def _shared_seed(params):
+    """A stochastic-rounding seed from torch's RNG: rank 0's under torch.distributed (a
+    broadcast on the default group), so that replicated (DDP) params round alike on every rank
+    however each rank's RNG was seeded. None outside torch.distributed: drawn at the first
+    step, as before."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [seed]
-        dist.broadcast_object_list(box, src=0)
-        seed = box[0]
-    return seed
-
-
-def _is_sharded(p):
-    return (DTensor is not None and isinstance(p, DTensor)
-            and not all(pl.is_replicate() for pl in p.placements))
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    box = [int(torch.randint(0, 2**31 - 1, ()).item())]
+    cuda = next((p.device for p in params if p.device.type == "cuda"), None)
+    dist.broadcast_object_list(box, src=0, device=cuda)
+    return box[0]
 
 
 class AdamW(Optimizer):
@@ -243,6 +250,8 @@ class AdamW(Optimizer):
         self.state_dtype = state_dtype
         self.backend = _backend.requested(backend)
         self.seed = seed  # stochastic rounding's; drawn from torch's RNG when first needed
+        if stochastic_rounding and seed is None:  # a collective under torch.distributed
+            self.seed = _shared_seed([p for g in self.param_groups for p in g["params"]])
         self.last_grad_norm = None
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
@@ -394,8 +403,8 @@ class AdamW(Optimizer):
                 lr = float(lr)  # a CPU scalar read (no device sync) or the reference path
             stochastic = (self.stochastic_rounding and not b.has_master
                           and b.param_dtype == torch.bfloat16)
-            if stochastic and self.seed is None:
-                self.seed = _draw_seed()
+            if stochastic and self.seed is None:  # reproducible under torch.manual_seed
+                self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
             _STEP_FNS[b.backend](
                 self, b, lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
@@ -467,7 +476,7 @@ class AdamW(Optimizer):
                                                  if key in state])
             # sharded DTensors apart: clipping all-reduces their sums of squares, not the others'
             key = (lp.device, lp.dtype, g.dtype, state["exp_avg"].dtype, "master_param" in state,
-                   layout, _is_sharded(p))
+                   layout, _shard_of(p))
             by_key[key].append((i, p, state))
         buckets = []
         for (device, p_dtype, g_dtype, s_dtype, has_master, layout, _), items in by_key.items():
@@ -581,13 +590,8 @@ class _Bucket:
         self.masters = [_local(s["master_param"]) for s in states] if has_master else []
         self.steps = [s["step"] for s in states]
         self.has_dtensor = any(DTensor is not None and isinstance(p, DTensor) for p in self.dparams)
-        self.sharded = any(map(_is_sharded, self.dparams))  # then all are (the bucket key)
-        if self.sharded:
-            import torch.distributed as dist
-
-            self.rank = dist.get_rank()
-        else:
-            self.rank = 0
+        self.shard = _shard_of(self.dparams[0])  # the same for all (the bucket key)
+        self.sharded = bool(self.shard)
         # the local tensors the bucket holds views of: FSDP2 swaps a param's local tensor (e.g.
         # on load_state_dict), which must regroup, not update the old one
         self._locals = [getattr(p, "_local_tensor", None) for p in self.dparams] \
@@ -641,7 +645,7 @@ class _Bucket:
         lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                  self.masters, self.steps)
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
-               self.has_master, self.contiguous, self.sharded)
+               self.has_master, self.contiguous, self.shard)
         ptrs = _data_ptrs(lists)
         hit = cache.get(key)
         if hit is not None and hit[0] == self.generation and hit[1] == ptrs:
