@@ -356,6 +356,32 @@ def test_mask_overlays_and_chunked_attention_are_refused():
     with pytest.raises(NotImplementedError, match="attention_chunk_size"):
         padding_mask(2, 6, 6, config=SimpleNamespace(attention_chunk_size=4))
     assert padding_mask(2, 4, 4, config=SimpleNamespace(attention_chunk_size=4)) is None
+    no_chunked_layers = SimpleNamespace(attention_chunk_size=4, layer_types=["full_attention"])
+    assert padding_mask(2, 6, 6, config=no_chunked_layers) is None
+    # a bidirectional prefix (PaliGemma's block_sequence_ids): no use_vmap, found in the closures
+    from transformers.masking_utils import blockwise_overlay, causal_mask_function, or_masks
+
+    blocks = torch.tensor([[0, 0, 0, -1, -1, -1]])
+    prefix = or_masks(causal_mask_function, blockwise_overlay(blocks))
+    with pytest.raises(NotImplementedError, match="overlay"):
+        padding_mask(1, 6, 6, mask_function=prefix, config=SimpleNamespace())
+    assert padding_mask(1, 6, 6, mask_function=causal_mask_function) is None
+
+
+def test_a_batch_without_padding_reads_no_shared_position_row(monkeypatch):
+    """transformers passes (1, L) position ids to every batch: read, they would cost a host sync
+    per forward for a batch that cannot be packed."""
+    import fasttrain.integrations.transformers as integration
+
+    ref, fast = models("llama")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(9))
+
+    def no_read(*args):
+        raise AssertionError("position ids read")
+
+    monkeypatch.setattr(integration, "_packed_cu", no_read)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_gemma3_bidirectional_attention_matches_sdpa():

@@ -13,7 +13,7 @@ Three input layouts reach the attention function, as with FlashAttention 2 in tr
   (``return_flash_attn_kwargs=True``; no host sync), or position ids that restart (a sequence
   starts wherever a position is not the previous one + 1, in any row, as with sdpa; one host
   read per forward, shared by all layers);
-- a batch without padding: equal lengths (no host sync without position ids).
+- a batch without padding: equal lengths (no host sync unless position ids are given per row).
 Sliding windows (``sliding_window`` of Mistral/Qwen2/Gemma layers: the query and the
 ``sliding_window - 1`` keys on each side, the right side cut when causal), GQA, logit softcap
 (Gemma 2) and value head dims smaller than the query's (MLA) come from the modules; static KV
@@ -70,13 +70,17 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     from transformers.masking_utils import flash_attention_mask
 
     config = kwargs.get("config")
-    if kwargs.get("use_vmap") and not getattr(config, "use_bidirectional_attention", False):
+    if ((kwargs.get("use_vmap") and not getattr(config, "use_bidirectional_attention", False))
+            or _has_piece(mask_function, "blockwise_overlay.")):
         raise NotImplementedError(
             "attn_implementation='fasttrain' supports padding, packing, causal and sliding-window "
             "masks only; this model adds a custom mask overlay (or_mask_function/"
-            "and_mask_function, e.g. bidirectional attention over image tokens)")
+            "and_mask_function or block_sequence_ids, e.g. bidirectional attention over image "
+            "tokens or a prefix)")
     chunk = getattr(config, "attention_chunk_size", None)
-    if chunk is not None and int(kv_offset) + kv_length > chunk:
+    layer_types = getattr(config, "layer_types", None)
+    if (chunk is not None and (layer_types is None or "chunked_attention" in layer_types)
+            and int(kv_offset) + kv_length > chunk):
         raise NotImplementedError(
             f"attn_implementation='fasttrain' has no chunked attention: the model's "
             f"attention_chunk_size ({chunk}) is shorter than the {int(kv_offset) + kv_length} "
@@ -90,6 +94,24 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     return mask
 
 
+def _has_piece(fn, qualname_prefix: str, depth: int = 8) -> bool:
+    """Whether a transformers mask function is built (through and_masks/or_masks closures)
+    from a function whose qualified name starts with ``qualname_prefix``."""
+    if depth == 0 or not callable(fn):
+        return False
+    if getattr(fn, "__qualname__", "").startswith(qualname_prefix):
+        return True
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(_has_piece(v, qualname_prefix, depth - 1) for v in values):
+            return True
+    return False
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version
@@ -101,13 +123,13 @@ def _packed_cu(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
     """cu_seqlens over the flattened batch of packed rows, or None when every row is one plain
     sequence. A sequence starts at each row's start and wherever a position does not continue
     the previous one by +1, as transformers' sdpa mask reads packed position ids (its
-    ``find_packed_sequence_indices``; a (1, len) row is shared by the batch). Read once per
-    position_ids tensor (one host sync per forward): every layer gets the same one."""
+    ``find_packed_sequence_indices``). Read once per position_ids tensor (one host sync per
+    forward; a graph break under torch.compile): every layer gets the same one."""
     version = _version(position_ids)
     hit = _POSITION_CU.get(position_ids) if version is not None else None
     if hit is not None and hit[0] == version and hit[1] == batch:
         return hit[2]
-    pos = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch, -1)
+    pos = position_ids.reshape(batch, -1)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos.diff(dim=-1) != 1
     cu = None
@@ -210,10 +232,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = attend(*flat, cu_q.int(), cu_k.int())
         return out.view(batch, q_len, nheads, v_dim), None
     position_ids = kwargs.get("position_ids")
-    # one row of position ids per token, or one row shared by the batch (not multimodal rope's
-    # (3, 1, L) positions, which transformers 5 replaces here by the text positions)
+    # one row of position ids per row of tokens (not a (1, L) row shared by a batch, which
+    # transformers makes by default: reading it would cost a host sync for nothing; nor
+    # multimodal rope's (3, 1, L) positions, replaced here by the text positions in 5.x)
     if (q_len == k.shape[1] and q_len > 1 and position_ids is not None
-            and position_ids.shape[-1] == q_len and position_ids.numel() in (q_len, batch * q_len)):
+            and position_ids.shape[-1] == q_len and position_ids.numel() == batch * q_len):
         cu = _packed_cu(position_ids, batch)
         if cu is not None:  # packed rows, sequences found from the position ids
             return attend(*flat, cu, cu).view(batch, q_len, nheads, v_dim), None
