@@ -409,3 +409,50 @@ def test_numpy_token_arrays_and_the_epoch_hook_loops_call():
     first = list(sampler)
     sampler.sampler.set_epoch(1)
     assert sampler.epoch == 1 and list(sampler) != first
+
+
+def test_sampler_reads_the_epoch_at_the_first_batch():
+    """A resumed Lightning run makes the iterator before calling set_epoch."""
+    lengths = [random.Random(5).randint(1, 90) for _ in range(200)]
+    sampler = LengthBucketedBatchSampler(lengths, max_tokens=256, seed=3)
+    sampler.set_epoch(2)
+    expected = list(sampler)
+    sampler.set_epoch(0)
+    batches = iter(sampler)
+    sampler.set_epoch(2)
+    assert list(batches) == expected != list(iter(LengthBucketedBatchSampler(
+        lengths, max_tokens=256, seed=3)))
+
+
+def test_warmup_apply_mappings_flattened_rows_and_left_padding():
+    from collections import UserDict
+
+    warmup = SeqLenWarmup(max_seqlen=64, warmup_steps=10, start_seqlen=4, multiple_of=1)
+    ids = torch.arange(1, 19).reshape(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    # a BatchEncoding-like mapping (HF's padding collators return one)
+    out = warmup.apply(UserDict(input_ids=ids, attention_mask=mask), 0)
+    assert torch.equal(out["input_ids"], ids[:, :4]) and torch.equal(out["attention_mask"],
+                                                                      mask[:, :4])
+    left = mask.flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        warmup.apply({"input_ids": ids, "attention_mask": left}, 0)
+    # a flattened row with its boundaries but no position ids cannot be cut
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="position_ids"):
+        warmup.apply({"input_ids": ids[:1], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}, 0)
+
+
+def test_warmup_steps_as_numpy_or_tensor_ints_and_lengths_as_tensors():
+    warmup = SeqLenWarmup(max_seqlen=512, warmup_steps=100, start_seqlen=64, multiple_of=64)
+    assert warmup.seqlen(np.int64(50)) == warmup.seqlen(torch.tensor(50)) == warmup.seqlen(50)
+    warmup.step = np.int32(50)
+    assert warmup.step == 50
+    for bad in (2.9, True, torch.tensor(2.5)):
+        with pytest.raises(TypeError, match="step must be an int"):
+            warmup.step = bad
+    packing = pack_sequences([torch.tensor(5), torch.tensor(7), 3], max_tokens=10)
+    assert sorted(sum(packing.batches, [])) == [0, 1, 2] and packing.num_tokens == 15
+    with pytest.raises(TypeError, match="int length"):
+        pack_sequences([torch.tensor(5.0)], max_tokens=10)

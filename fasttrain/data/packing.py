@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import operator
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Iterator, Sequence
 
 import torch
@@ -46,10 +47,14 @@ class Packing:
 def _length_of(item, where: str) -> int:
     if isinstance(item, bool):
         raise TypeError(f"{where}: expected a length, got a bool")
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         if "input_ids" not in item:
             raise ValueError(f"{where}: an example dict needs an 'input_ids' entry")
         item = item["input_ids"]
+    if isinstance(item, Tensor) and item.dim() == 0:  # a length as a 0-d integer tensor
+        if item.is_floating_point() or item.is_complex():
+            raise TypeError(f"{where}: expected an int length, got a {item.dtype} tensor")
+        return int(item)
     if isinstance(item, Tensor):
         if item.dim() != 1:
             raise ValueError(f"{where}: input_ids must be 1-D, got shape {tuple(item.shape)}")
@@ -178,6 +183,9 @@ class PackedCollator:
       and ``max_length_q``/``max_length_k`` (= max_seqlen), the names transformers passes to
       its attention functions.
 
+    An example without tokens is a ``ValueError`` (``DataCollatorWithFlattening`` skips it
+    silently); filter empty examples out of the dataset first.
+
     max_length: cut every example to its first ``max_length`` tokens (None: keep all).
     max_tokens: raise ``ValueError`` if the packed row (before padding) exceeds this budget.
     pad_to_multiple_of: append ``pad_token_id`` tokens so that ``total`` is a multiple of this
@@ -205,11 +213,11 @@ class PackedCollator:
         self.return_flash_attn_kwargs = return_flash_attn_kwargs
 
     def __call__(self, examples) -> dict:
-        if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
+        if isinstance(examples, Mapping) or not isinstance(examples, Sequence) or not examples:
             raise ValueError("PackedCollator expects a non-empty list of example dicts")
         ids, labels = [], []
         for i, ex in enumerate(examples):
-            if not isinstance(ex, dict) or "input_ids" not in ex:
+            if not isinstance(ex, Mapping) or "input_ids" not in ex:
                 raise ValueError(f"examples[{i}] must be a dict with 'input_ids'")
             x = _as_ids(ex["input_ids"], f"examples[{i}]['input_ids']")
             y = ex.get("labels")
@@ -259,7 +267,9 @@ class LengthBucketedBatchSampler(Sampler):
     packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
     appears exactly once per epoch (over all ranks, apart from the batches repeated or dropped
     to even them out; see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like
-    ``DistributedSampler``.
+    ``DistributedSampler``. The number of batches can differ by one or two between epochs (each
+    shuffle packs differently); trainers that read ``len()`` once (Lightning, HF Trainer) end
+    every epoch at that count, so an epoch that packs into more batches skips its last ones.
 
     lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
     max_tokens: token budget per batch.
@@ -347,7 +357,10 @@ class LengthBucketedBatchSampler(Sampler):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter([list(b) for b in self._batches()])
+        # lazy: the epoch is read at the first batch, not when iter() is called (Lightning
+        # makes the iterator of a resumed run before its set_epoch)
+        for batch in self._batches():
+            yield list(batch)
 
     def __len__(self) -> int:
         return len(self._batches())

@@ -25,7 +25,8 @@ Trainer), so the limit follows the schedule with that many batches of delay.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,8 +35,13 @@ from fasttrain.ops.padding import cu_seqlens_from_position_ids
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """An int (NumPy ints and 1-element integer tensors too, as operator.index takes them)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -68,7 +74,7 @@ class SeqLenWarmup:
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step.fill_(_positive_int(int(value), "step", minimum=0))
+        self._step.fill_(_positive_int(value, "step", minimum=0))
 
     def seqlen(self, step: int | None = None) -> int:
         step = self.step if step is None else _positive_int(step, "step", minimum=0)
@@ -93,23 +99,29 @@ class SeqLenWarmup:
           ``cu_seq_lens_q/k``, ``max_length_q/k`` kwargs) are recomputed when present. The
           first label of each sequence stays -100. A padding sequence is cut like the others,
           so the row length is no longer a multiple of any ``pad_to_multiple_of``;
-        - a padded batch, a dict of (batch, seqlen, ...) tensors, right-padded: every tensor
-          with the shape of ``input_ids`` in its first two dims keeps its first ``seqlen``
-          columns.
+        - a padded batch, a dict (or ``BatchEncoding``) of (batch, seqlen, ...) tensors,
+          right-padded (a left-padded ``attention_mask`` is an error): every tensor with the
+          shape of ``input_ids`` in its first two dims keeps its first ``seqlen`` columns.
 
         Returns a new list / dict; the input is not modified.
         """
         limit = self.seqlen(step)
         if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
             return [_cut_example(ex, limit, i) for i, ex in enumerate(batch)]
-        if not isinstance(batch, dict) or "input_ids" not in batch:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError("batch must be a list of example dicts or a dict with 'input_ids', "
                             f"got {type(batch).__name__}")
         ids = batch["input_ids"]
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             raise ValueError("batch['input_ids'] must be a (batch, seqlen) tensor")
-        if "cu_seqlens" in batch or (ids.shape[0] == 1 and "position_ids" in batch):
+        if any(key in batch for key in _PACKED_KEYS) or (ids.shape[0] == 1
+                                                         and "position_ids" in batch):
             return _cut_packed(batch, limit)
+        mask = batch.get("attention_mask")
+        if (isinstance(mask, Tensor) and mask.shape == ids.shape and mask.numel()
+                and bool((mask[:, :1] == 0).logical_and(mask[:, -1:] != 0).any())):
+            raise ValueError("a padded batch must be right-padded to be cut (a row starts with "
+                             "padding and ends with a token: cutting would keep its padding)")
         out = dict(batch)
         for key, value in batch.items():
             if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[:2] == ids.shape:
@@ -134,8 +146,11 @@ class WarmupCollator:
         return self.collate_fn(self.warmup.apply(list(examples)))
 
 
+_PACKED_KEYS = ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k")  # sequence boundaries of a row
+
+
 def _cut_example(example, limit: int, i: int):
-    if not isinstance(example, dict) or "input_ids" not in example:
+    if not isinstance(example, Mapping) or "input_ids" not in example:
         raise ValueError(f"batch[{i}] must be a dict with 'input_ids'")
     n = len(example["input_ids"])
     out = dict(example)
@@ -154,7 +169,7 @@ def _cut_packed(batch: dict, limit: int) -> dict:
             f"a packed batch has input_ids of shape (1, total), got {tuple(ids.shape)}")
     if "position_ids" not in batch:
         raise ValueError("a packed batch needs 'position_ids' (restarting at 0 per sequence) to "
-                         "be cut")
+                         "be cut (e.g. DataCollatorWithFlattening(return_position_ids=True))")
     pos = batch["position_ids"]
     if pos.shape != ids.shape:
         raise ValueError(f"position_ids {tuple(pos.shape)} and input_ids {tuple(ids.shape)} "
