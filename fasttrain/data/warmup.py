@@ -11,7 +11,9 @@ Plain loop::
     for step, batch in enumerate(loader):
         batch = warmup.apply(batch, step)
 
-Or cut the examples before they are collated (so padding and packing see the cut lengths)::
+Or cut the examples before they are collated (so padding and the collator see the cut
+lengths; a ``LengthBucketedBatchSampler`` still plans its batches from the full lengths, so
+the examples it packed shrink afterwards and early rows fill less of their budget)::
 
     loader = DataLoader(ds, batch_sampler=..., collate_fn=warmup.wrap_collator(PackedCollator()))
     ...
