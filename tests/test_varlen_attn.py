@@ -394,6 +394,44 @@ def test_torch_compile_fullgraph(monkeypatch):
     torch.testing.assert_close(grad, model.proj.weight.grad)
 
 
+def test_torch_compile_dynamic_shapes_and_cu_seqlens_checked():
+    """dynamic=True makes the scale symbolic (it was read by math.isfinite); bad cu_seqlens
+    raise inside the compiled graph too (they left rows of out unwritten)."""
+    def f(q, k, v, cu_seqlens, scale):
+        out, lse = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, causal=True,
+                                    softmax_scale=scale, return_lse=True, backend="triton")
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for lengths, scale in (([3, 4], None), ([2, 2, 5], 0.25), ([1, 6, 4], 0.25)):
+        q, k, v, cu_q, _ = make(lengths, lengths, 2, 1, 16, torch.float32, "cpu")
+        torch.testing.assert_close(compiled(q, k, v, cu_q, scale), f(q, k, v, cu_q, scale))
+    q, k, v = (torch.randn(7, 2, 16) for _ in range(3))
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        compiled(q, k, v, torch.tensor([0, 5, 3], dtype=torch.int32), None)
+
+
+def test_flash_attention_positional_arguments_and_block_table():
+    q, k, v, cu_q, cu_k = make([3, 5], [3, 5], 2, 2, 16, torch.float32, "cpu")
+    # flash_attn_varlen_func's order: ..., deterministic, return_attn_probs, block_table
+    got = varlen_attention(q, k, v, cu_q, cu_k, 5, 5, 0.0, None, True, (-1, -1), 0.0, None,
+                           False, True, None)
+    assert len(got) == 3 and torch.equal(got[0], varlen_attention(q, k, v, cu_q, cu_k,
+                                                                  causal=True))
+    qd, kd, vd = (t.reshape(2, 4, 2, 16) for t in (q, k, v))
+    got = dense_attention(qd, kd, vd, 0.0, None, False, (-1, -1), 0.0, None, False, True)
+    assert len(got) == 3 and got[1].shape == (2, 2, 4)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        varlen_attention(q, k, v, cu_q, cu_k, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+def test_reference_lse_is_fp64_for_fp64_inputs():
+    q, k, v, cu_q, cu_k = make([3, 0, 5], [4, 2, 5], 2, 1, 16, torch.float64, "cpu")
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True,
+                                backend="torch")
+    assert out.dtype == lse.dtype == torch.float64
+
+
 def test_opcheck():
     q, k, v, cu_q, cu_k = make([9, 20], [12, 20], 2, 1, 16, torch.float32, "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))

@@ -76,7 +76,8 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
         lse = torch.logsumexp(s, -1)
         p = torch.exp(s - lse[..., None]).masked_fill(empty[:, None], 0.0)
         outs.append((p.to(vb.dtype) @ vb).transpose(0, 1))
-        lses.append(lse.float().masked_fill(empty, float("-inf")))
+        lse = lse if lse.dtype == torch.float64 else lse.float()  # fp64 kept for gradcheck
+        lses.append(lse.masked_fill(empty, float("-inf")))
     if not outs:  # no sequence, so no token: empty, but in autograd's graph like the kernels'
         out = (q + (k.sum() + v.sum()).to(q.dtype)) * 0
         return out.to(dtype), q.new_zeros((nheads, 0), dtype=torch.float32)
@@ -149,10 +150,14 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
     """Values of cu_seqlens: on CPU a clear error, at every call; on CUDA a device-side assert
     (no host sync; the kernels also clamp every sequence to [0, total], so a bad value cannot
     read out of bounds), once per tensor and version (the layers of a model share one
-    cu_seqlens); under torch.compile nothing."""
-    if torch.compiler.is_compiling() or cu.numel() == 0:
+    cu_seqlens); under torch.compile a device-side assert at every call (in the graph)."""
+    if cu.numel() == 0:
         return
     first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(first & last & monotone,
+                            f"{name} must start at 0, be non-decreasing and end at {total}")
+        return
     if cu.device.type != "cuda":
         for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),
                          (last, f"end at the number of tokens ({total})")):
@@ -259,15 +264,17 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      softmax_scale: float | None = None, causal: bool = False,
                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                      alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                     return_lse: bool = False, *, return_attn_probs: bool = False,
-                     backend: str | None = None):
-    """Attention over packed sequences; arguments as ``flash_attn_varlen_func``.
+                     return_attn_probs: bool = False, block_table: Tensor | None = None, *,
+                     return_lse: bool = False, backend: str | None = None):
+    """Attention over packed sequences; arguments as ``flash_attn_varlen_func`` (in its order;
+    the extras ``return_lse`` and ``backend`` keyword-only).
 
     Arguments:
         q: (total_q, nheads, headdim), fp16/bf16 (fp32 too) on CUDA, any float on CPU.
         k, v: (total_k, nheads_k, headdim); nheads must be a multiple of nheads_k (GQA/MQA).
         cu_seqlens_q, cu_seqlens_k: (batch + 1,), int32, contiguous, starting at 0,
-            non-decreasing, ending at total_q / total_k. Sequence b of q attends to sequence b
+            non-decreasing, ending at total_q / total_k (FlashAttention ignores tokens past the
+            last entry; here they are an error). Sequence b of q attends to sequence b
             of k; lengths may differ (cross-attention, chunked prefill) and may be 0. On CUDA
             their check and the kernels' tile maps are made once per tensor and version (all
             layers share them): change their contents through torch ops (in place is fine),
@@ -286,20 +293,27 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         softcap: scores become softcap * tanh(scores / softcap) when > 0.
         deterministic: accepted for compatibility; the backward is always deterministic
             (no atomics).
-        return_lse: also return the log-sum-exp of each query's scores, (nheads, total_q) fp32.
-        return_attn_probs: FlashAttention's keyword (in return_lse's place there): returns
-            (out, lse, None); the attention probabilities are not formed.
+        return_attn_probs: as FlashAttention, returns (out, lse, None); the attention
+            probabilities are not formed.
+        block_table: paged KV caches are not supported (must be None).
+        return_lse: also return the log-sum-exp of each query's scores, (nheads, total_q) fp32
+            (fp64 for fp64 inputs on the torch backend).
         backend: "triton" or "torch" (None: Triton for CUDA tensors, the reference on CPU).
     Returns:
         out (total_q, nheads, headdim), and lse if ``return_lse``. Queries that see no key get
         out = 0 and lse = -inf (the log of an empty sum; FlashAttention 2 writes +inf there).
     """
     del max_seqlen_q, max_seqlen_k, deterministic
+    if block_table is not None:
+        raise NotImplementedError("varlen_attention has no paged KV cache (block_table must be "
+                                  "None)")
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softcap, dropout_p,
               alibi_slopes)
-    scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+    if not torch.compiler.is_compiling():  # (traced, the scale may be symbolic: not read)
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     left, right = _window(causal, window_size)
     # a window wider than every sequence is no window (and keeps the kernels' int32 math safe)
     widest = q.shape[0] + k.shape[0]
@@ -326,11 +340,11 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                    return_lse: bool = False, *, return_attn_probs: bool = False,
+                    return_attn_probs: bool = False, *, return_lse: bool = False,
                     backend: str | None = None):
-    """Attention over a batch of equal-length sequences, as ``flash_attn_func`` (same
-    argument order; dropout_p must be 0 and alibi_slopes None, as for varlen_attention;
-    ``return_attn_probs`` returns (out, lse, None), as there).
+    """Attention over a batch of equal-length sequences, as ``flash_attn_func`` (its argument
+    order, ``return_lse`` and ``backend`` keyword-only; dropout_p must be 0 and alibi_slopes
+    None, as for varlen_attention; ``return_attn_probs`` returns (out, lse, None), as there).
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
     Returns out (batch, seqlen_q, nheads, headdim) and, with ``return_lse``, lse
