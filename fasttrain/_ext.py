@@ -36,6 +36,7 @@ _module = None
 _error: str | None = None
 _status = "not loaded yet"
 _probed = None  # load(build=False): whether a build was found (None: not looked yet)
+_fakes_registered = False
 
 _MAX_ERROR_CHARS = 6000
 
@@ -52,15 +53,19 @@ def _torch_tag() -> str:
     return f"torch{version}_py{sys.version_info.major}{sys.version_info.minor}"
 
 
-def _machine_tag() -> str:
-    """What else a build depends on: the CPU's instruction sets (-march=native; a cache on a
-    shared disk may see other CPUs) and the compiler."""
+def _machine_tag(with_cuda: bool) -> str:
+    """What else a build depends on: the CPU's instruction sets and model (-march=native; a
+    cache on a shared disk may see other CPUs: x86's ``flags``, Arm's ``Features`` and ``CPU
+    part``), the compiler, and for CUDA builds the GPU architectures built for."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    return f"{flags}|{os.environ.get('CXX', '')}"
+    lines = cpuinfo.splitlines()
+    cpu = [next((line for line in lines if line.startswith(key)), "")
+           for key in ("flags", "Features", "CPU part")]
+    arch = _sources.cuda_arch_tag() if with_cuda else ""
+    return f"{'|'.join(cpu)}|{os.environ.get('CXX', '')}|{arch}"
 
 
 def _try_prebuilt():
@@ -94,7 +99,7 @@ def _import_from(path: Path, name: str):
 def jit_build_dir() -> tuple[str, Path]:
     """(module name, folder) of this machine's JIT build."""
     with_cuda = _sources.want_cuda()
-    key = _sources.fingerprint(_sources.csrc_dir(), with_cuda, _machine_tag())
+    key = _sources.fingerprint(_sources.csrc_dir(), with_cuda, _machine_tag(with_cuda))
     return (f"fasttrain_ext_{key}",
             cache_root() / f"{_torch_tag()}_{'cuda' if with_cuda else 'cpu'}_{key}")
 
@@ -197,8 +202,34 @@ def load(build: bool = True):
                 "fasttrain: the C++ extension is unavailable, so the cpu/cuda backends are off "
                 f"and fasttrain falls back to the Triton/torch paths. Reason: {message}",
                 RuntimeWarning, stacklevel=2)
+        if _module is not None:
+            _register_fakes()
         _loaded = True
         return _module, _error
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the C++ ops, for FakeTensor tracing (torch.compile, opcheck),
+    and the CUDA step marked side-effecting: it writes through the pointers of its device
+    table, so its schema shows no mutation that would keep dead-code elimination off it.
+    Once per process (the ops are registered once, whichever module brought them)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    import torch
+
+    def no_output(*args):
+        return None
+
+    for name in ("adamw_cpu_", "adamw_cuda_"):
+        torch.library.register_fake(f"fasttrain::{name}", no_output)
+
+    @torch.library.register_fake("fasttrain::sum_sq_cpu")
+    def _sum_sq_fake(tensors):
+        return torch.empty((), dtype=torch.float64, device="cpu")
+
+    torch.fx.node.has_side_effect(torch.ops.fasttrain.adamw_cuda_.default)
 
 
 def has_cuda() -> bool:

@@ -37,14 +37,31 @@ def csrc_dir() -> Path:
 
 
 def want_cuda() -> bool:
-    """Build the CUDA kernels: torch has CUDA and torch.utils.cpp_extension finds a toolkit."""
+    """Build the CUDA kernels: torch has CUDA, torch.utils.cpp_extension finds a toolkit, and
+    there is an architecture to build for: ``TORCH_CUDA_ARCH_LIST`` or a visible GPU (without
+    either torch's arch flags fail, which cost the CPU kernels too: a login node, or
+    ``CUDA_VISIBLE_DEVICES=""``, builds them alone)."""
     import torch
 
     if not torch.version.cuda:
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return CUDA_HOME is not None
+    if CUDA_HOME is None:
+        return False
+    return bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.device_count() > 0
+
+
+def cuda_arch_tag() -> str:
+    """The architectures a CUDA build targets (torch's rule): ``TORCH_CUDA_ARCH_LIST``, else
+    the visible GPUs' compute capabilities."""
+    import torch
+
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if listed:
+        return listed
+    return ",".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                            for i in range(torch.cuda.device_count())}))
 
 
 def sources(root: Path, with_cuda: bool) -> list[str]:

@@ -502,3 +502,62 @@ def test_sum_sq_cpu_matches_torch(ext):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, out)
+
+
+def test_ops_trace_with_fake_tensors_and_survive_dead_code_elimination(ext):
+    """opcheck's schema and FakeTensor checks, torch.compile of sum_sq_cpu, and FX DCE keeping
+    the CUDA step (it writes through its table's pointers: no mutation in its schema)."""
+    params = [torch.randn(5), torch.randn(3)]
+    adamw_args = (params, [torch.randn_like(p) for p in params],
+                  [torch.rand_like(p) for p in params], [torch.rand_like(p) for p in params],
+                  [], [], [torch.zeros(()) for _ in params], 1e-3, 0.9, 0.999, 1e-8, 0.0, True,
+                  False, False, False, 0, None, None, None)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fasttrain.adamw_cpu_.default, adamw_args, test_utils=checks)
+    torch.library.opcheck(torch.ops.fasttrain.sum_sq_cpu.default, ([torch.randn(4)],),
+                          test_utils=checks)
+    x = torch.randn(6)
+    compiled = torch.compile(lambda ts: torch.ops.fasttrain.sum_sq_cpu(ts).sqrt(),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled([x]), x.double().norm())
+
+    def cuda_step(table):
+        torch.ops.fasttrain.adamw_cuda_(table, 1, 1, 65536, 1e-3, None, 0.9, 0.999, 1e-8, 0.0,
+                                        torch.float32, torch.float32, torch.float32, True,
+                                        False, False, False, None, None, None)
+        return table
+
+    graph = torch.fx.symbolic_trace(cuda_step).graph
+    graph.eliminate_dead_code()
+    assert any("fasttrain.adamw_cuda_" in str(n.target) for n in graph.nodes)
+
+
+def test_cuda_kernels_need_an_architecture_and_the_cache_key_names_it(monkeypatch):
+    """A CUDA torch with a toolkit but no visible GPU and no TORCH_CUDA_ARCH_LIST builds the CPU
+    kernels alone (torch's arch flags failed on the empty GPU list, taking the CPU kernels too);
+    builds for other GPU architectures or other CPUs (x86 flags, Arm features) get other cache
+    folders."""
+    import pathlib
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert not _ext_sources.want_cuda()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _ext_sources.want_cuda()
+    sm90 = _ext.jit_build_dir()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert _ext.jit_build_dir() != sm90
+
+    cpus = {"graviton2": "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\nCPU part\t: 0xd0c\n",
+            "graviton3": "processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n"}
+    read_text = pathlib.Path.read_text
+    tags = {}
+    for name, text in cpus.items():
+        monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, text=text, **k: (
+            text if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k)))
+        tags[name] = _ext._machine_tag(False)
+    assert tags["graviton2"] != tags["graviton3"]
