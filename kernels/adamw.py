@@ -95,16 +95,18 @@ def _adamw_block(offs, mask, param, grad, exp_avg, exp_avg_sq, vmax_ptr, master,
     m = _load_f32(exp_avg + offs, mask)
     v = _load_f32(exp_avg_sq + offs, mask)
 
+    # explicit fmas where torch's kernels fuse (add with alpha, lerp, addcmul), as the CPU and
+    # CUDA kernels: left to the compiler, a + b * c + d * e may fuse either product
     if DECOUPLED:
         p = p * decay
     else:
-        g = g + weight_decay * p
+        g = tl.fma(weight_decay, p, g)
     # torch's lerp: self + w * (end - self) for |w| < 0.5, else end - (end - self) * (1 - w)
     if one_minus_beta1 < 0.5:
-        m = m + one_minus_beta1 * (g - m)
+        m = tl.fma(one_minus_beta1, g - m, m)
     else:
-        m = g - (g - m) * (1.0 - one_minus_beta1)
-    v = v * beta2 + one_minus_beta2 * g * g
+        m = tl.fma(one_minus_beta1 - 1.0, g - m, g)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
         vmax = tl.maximum(_load_f32(vmax_ptr + offs, mask), v, propagate_nan=tl.PropagateNan.ALL)
         _store_rounded(vmax_ptr + offs, vmax, mask, None, STATE_DTYPE)
@@ -113,8 +115,8 @@ def _adamw_block(offs, mask, param, grad, exp_avg, exp_avg_sq, vmax_ptr, master,
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     # IEEE-rounded sqrt and division, as torch's kernels compute them (Triton's / and tl.sqrt
     # on fp32 are the approximate PTX instructions, up to 2 ulp off); free in a kernel bound by
-    # memory bandwidth
-    p = p - step_size * tl.div_rn(m, denom)
+    # memory bandwidth; the update as torch's addcdiv, p - (step_size * m) / denom (no fma)
+    p = p - tl.div_rn(step_size * m, denom)
 
     _store_rounded(exp_avg + offs, m, mask, None, STATE_DTYPE)
     _store_rounded(exp_avg_sq + offs, v, mask, None, STATE_DTYPE)

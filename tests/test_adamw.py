@@ -1205,3 +1205,28 @@ def test_automatic_fallback_to_reference_warns(monkeypatch):
     with pytest.warns(UserWarning, match="cpu: broken.*torch reference"):
         opt.step()
     assert [b.backend for b in opt._buckets()] == ["torch"]
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for("cpu") if b != "torch"])
+@pytest.mark.parametrize("cls, kwargs", [(AdamW, dict(weight_decay=0.1)),
+                                         (Adam, dict(weight_decay=0.1, amsgrad=True)),
+                                         (AdamW, dict(betas=(0.3, 0.99), maximize=True))])
+def test_fp32_steps_equal_torch_fused_bit_for_bit(backend, cls, kwargs):
+    """On the CPU (the C++ kernel; the Triton kernel under the interpreter) the kernels compute
+    torch's formulas in torch's order (fmas where its kernels fuse, IEEE sqrt and division,
+    addcdiv as p + (-step_size * m) / denom): three steps on 100K random elements equal torch's
+    fused CPU AdamW/Adam exactly. (The last elements of a tensor, which torch's kernel runs in
+    a scalar tail, may differ by an ulp: 100K is a multiple of its vector width, no tail.)"""
+    gen = torch.Generator().manual_seed(4)
+    p0, g0 = (torch.randn(100_000, generator=gen) for _ in range(2))
+    torch_cls = torch.optim.AdamW if cls is AdamW else torch.optim.Adam
+    results = []
+    for make in (lambda ps: cls(ps, lr=1e-2, backend=backend, **kwargs),
+                 lambda ps: torch_cls(ps, lr=1e-2, fused=True, **kwargs)):
+        p = torch.nn.Parameter(p0.clone())
+        opt = make([p])
+        for step in range(3):
+            p.grad = g0 * (0.3 * step + 0.2)
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(*results), int((results[0] != results[1]).sum())

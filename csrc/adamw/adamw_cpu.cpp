@@ -11,8 +11,9 @@
 // addcmul and add(alpha=), and compute addcdiv as self + (value * t1) / t2; bias corrections in
 // double as Python computes them. This file is built with -ffp-contract=off so that the only
 // fused multiply-adds are the explicit std::fma calls. fp32 results then equal torch's fused CPU
-// AdamW bit for bit; torch's foreach=False path differs by an ulp here and there because its
-// CPU sqrt (MKL VML) is not always correctly rounded.
+// AdamW bit for bit in its vectorized loop (the scalar tail of each tensor, its last few
+// elements, can differ by an ulp); torch's foreach=False path differs by an ulp here and there
+// because its CPU sqrt (MKL VML) is not always correctly rounded.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

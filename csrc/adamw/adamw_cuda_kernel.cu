@@ -130,7 +130,8 @@ __device__ __forceinline__ void adamw_element(const Scalars& s, float& p, float 
     v_hat = v_max;
   }
   const float denom = __fdiv_rn(sqrtf(v_hat), s.bc2_sqrt) + s.eps;
-  p = fmaf(-s.step_size, __fdiv_rn(m, denom), p);
+  // torch's addcdiv (and its fused CUDA step): p + (-step_size * m) / denom, not an fma
+  p = __fadd_rn(p, __fdiv_rn(__fmul_rn(-s.step_size, m), denom));
 }
 
 struct Options {
