@@ -158,6 +158,9 @@ py::object sum_sq_cpu_direct(py::handle tensors) {
 #ifndef FASTTRAIN_TORCH_BUILD
 #define FASTTRAIN_TORCH_BUILD ""
 #endif
+#ifndef FASTTRAIN_SOURCES_KEY
+#define FASTTRAIN_SOURCES_KEY ""
+#endif
 
 TORCH_LIBRARY_FRAGMENT(fasttrain, m) {
   m.def(
@@ -193,6 +196,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "torch_build", []() { return std::string(FASTTRAIN_TORCH_BUILD); },
       "torch.__version__ at build time (with the local tag, e.g. +cpu), if the build recorded it.");
+  m.def(
+      "sources_key", []() { return std::string(FASTTRAIN_SOURCES_KEY); },
+      "The fingerprint of the sources, flags and machine of an ahead-of-time build (JIT: empty).");
   using pybind11::arg;
   m.def("adamw_cpu_", &adamw_cpu_direct,
         "torch.ops.fasttrain.adamw_cpu_ without the dispatcher (same arguments).", arg("params"),

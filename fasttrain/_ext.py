@@ -2,7 +2,8 @@
 
 In order: (1) a prebuilt ``fasttrain._C``
 (``FASTTRAIN_BUILD_EXT=1 pip install --no-build-isolation .``) if it was built against the
-running torch; (2) a JIT build of csrc/ with torch.utils.cpp_extension and
+running torch, from the csrc/ sources present, with the same flags, on this CPU (else an
+error that says to rebuild it); (2) a JIT build of csrc/ with torch.utils.cpp_extension and
 ninja into a cache folder (``$FASTTRAIN_CACHE`` or ``~/.cache/fasttrain``, one subfolder per
 torch version and hash of the sources and flags; later processes import the cached module
 directly); (3) if that fails, one warning that includes the compiler's error, and ``None`` so
@@ -53,21 +54,6 @@ def _torch_tag() -> str:
     return f"torch{version}_py{sys.version_info.major}{sys.version_info.minor}"
 
 
-def _machine_tag(with_cuda: bool) -> str:
-    """What else a build depends on: the CPU's instruction sets and model (-march=native; a
-    cache on a shared disk may see other CPUs: x86's ``flags``, Arm's ``Features`` and ``CPU
-    part``), the compiler, and for CUDA builds the GPU architectures built for."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    lines = cpuinfo.splitlines()
-    cpu = [next((line for line in lines if line.startswith(key)), "")
-           for key in ("flags", "Features", "CPU part")]
-    arch = _sources.cuda_arch_tag() if with_cuda else ""
-    return f"{'|'.join(cpu)}|{os.environ.get('CXX', '')}|{arch}"
-
-
 def _try_prebuilt():
     """The ahead-of-time module if it exists and matches the running torch; else (None, why)."""
     import torch
@@ -86,6 +72,18 @@ def _try_prebuilt():
             f"the prebuilt fasttrain._C was built for torch {built}, this is torch "
             f"{torch.__version__}: rebuild it (FASTTRAIN_BUILD_EXT=1 pip install "
             "--no-build-isolation .), or delete fasttrain/_C*.so for a JIT build on first use")
+    built_from = _C.sources_key() if hasattr(_C, "sources_key") else ""
+    try:
+        expected = _sources.fingerprint(_sources.csrc_dir(), _C.has_cuda(),
+                                        _sources.machine_tag(False))  # as setup.py's build
+    except FileNotFoundError:  # no sources shipped: nothing to compare with
+        expected = built_from
+    if built_from != expected:
+        raise RuntimeError(
+            "the prebuilt fasttrain._C was built from other sources, flags or for another CPU/"
+            "GPU than these (csrc/ edited since, or the module copied from another machine: "
+            "it is built with -march=native): rebuild it (FASTTRAIN_BUILD_EXT=1 pip install "
+            "--no-build-isolation .), or delete fasttrain/_C*.so for a JIT build on first use")
     return _C, None
 
 
@@ -99,7 +97,7 @@ def _import_from(path: Path, name: str):
 def jit_build_dir() -> tuple[str, Path]:
     """(module name, folder) of this machine's JIT build."""
     with_cuda = _sources.want_cuda()
-    key = _sources.fingerprint(_sources.csrc_dir(), with_cuda, _machine_tag(with_cuda))
+    key = _sources.fingerprint(_sources.csrc_dir(), with_cuda, _sources.machine_tag(with_cuda))
     return (f"fasttrain_ext_{key}",
             cache_root() / f"{_torch_tag()}_{'cuda' if with_cuda else 'cpu'}_{key}")
 

@@ -64,16 +64,34 @@ def cuda_arch_tag() -> str:
                             for i in range(torch.cuda.device_count())}))
 
 
+def machine_tag(with_cuda: bool) -> str:
+    """What else a build depends on: the CPU's instruction sets and model (-march=native; a
+    cache on a shared disk may see other CPUs: x86's ``flags``, Arm's ``Features`` and ``CPU
+    part``), the compiler, and for CUDA builds the GPU architectures built for."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    lines = cpuinfo.splitlines()
+    cpu = [next((line for line in lines if line.startswith(key)), "")
+           for key in ("flags", "Features", "CPU part")]
+    arch = cuda_arch_tag() if with_cuda else ""
+    return f"{'|'.join(cpu)}|{os.environ.get('CXX', '')}|{arch}"
+
+
 def sources(root: Path, with_cuda: bool) -> list[str]:
     """Absolute source paths under the csrc folder ``root``."""
     names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
     return [str(root / name) for name in names]
 
 
-def cxx_flags(with_cuda: bool, torch_build: str | None = None) -> list[str]:
+def cxx_flags(with_cuda: bool, torch_build: str | None = None,
+              sources_key: str | None = None) -> list[str]:
     flags = list(CXX_FLAGS) + (list(CUDA_DEFINES) if with_cuda else [])
     if torch_build:
         flags.append(f'-DFASTTRAIN_TORCH_BUILD="{torch_build}"')
+    if sources_key:  # the fingerprint of what it was built from (checked when loaded)
+        flags.append(f'-DFASTTRAIN_SOURCES_KEY="{sources_key}"')
     return flags
 
 
@@ -109,7 +127,9 @@ def extension(root):
 
     csrc = Path(root) / "csrc"
     with_cuda = want_cuda()
-    cxx = cxx_flags(with_cuda, torch.__version__)
+    # the key of the sources, flags and CPU (not the GPU architectures: TORCH_CUDA_ARCH_LIST
+    # may name more than the GPUs of the machine that loads it)
+    cxx = cxx_flags(with_cuda, torch.__version__, fingerprint(csrc, with_cuda, machine_tag(False)))
     # Relative paths: setuptools wants sources relative to setup.py's folder.
     srcs = [os.path.relpath(s, root) for s in sources(csrc, with_cuda)]
     if with_cuda:

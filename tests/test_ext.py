@@ -559,5 +559,30 @@ def test_cuda_kernels_need_an_architecture_and_the_cache_key_names_it(monkeypatc
     for name, text in cpus.items():
         monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, text=text, **k: (
             text if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k)))
-        tags[name] = _ext._machine_tag(False)
+        tags[name] = _ext_sources.machine_tag(False)
     assert tags["graviton2"] != tags["graviton3"]
+
+
+def test_a_prebuilt_module_from_other_sources_is_refused(monkeypatch):
+    """FASTTRAIN_BUILD_EXT=1 builds record the fingerprint of their sources, flags and CPU; an
+    editable install whose csrc/ changed since (or a module copied from another CPU) is an error
+    that says to rebuild, not a silent run of old kernels."""
+    import importlib.util
+    import types
+
+    import fasttrain
+
+    expected = _ext_sources.fingerprint(_ext_sources.csrc_dir(), False,
+                                        _ext_sources.machine_tag(False))
+    fake = types.SimpleNamespace(torch_build=lambda: torch.__version__,
+                                 torch_version=lambda: torch.__version__.split("+")[0],
+                                 has_cuda=lambda: False, sources_key=lambda: "0123456789abcdef")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if name == "fasttrain._C" else find_spec(name, *a)))
+    monkeypatch.setitem(sys.modules, "fasttrain._C", fake)
+    monkeypatch.setattr(fasttrain, "_C", fake, raising=False)
+    with pytest.raises(RuntimeError, match="built from other sources"):
+        _ext._try_prebuilt()
+    fake.sources_key = lambda: expected
+    assert _ext._try_prebuilt() == (fake, None)
