@@ -442,6 +442,7 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, index=No
     several adapters R = n_adapters * rank and index: (M,) picks each row's adapter.
     """
     rank = lora_A.shape[0] if rank is None else rank
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # fp32 adapters: x's for the dots
     s = lora_thin(x, lora_A, dropout_p=dropout_p, seed=seed, index=index, rank=rank)
     y = lora_gemm(x, weight, s, lora_B, bias, scale=scaling)
     return y, s
@@ -449,17 +450,20 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, index=No
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, index=None, rank=None,
              need_dx=True):
-    """(dx or None, dA (R, K), dB (N, R)) in the inputs' dtype; dW and db are left to the
-    caller (one cuBLAS GEMM and a sum).
+    """(dx or None, dA (R, K), dB (N, R)), dA and dB in the adapters' dtype (fp32 adapters over
+    a half x: the fp32 sums, not rounded to x's dtype); dW and db are left to the caller (one
+    cuBLAS GEMM and a sum).
 
     g = scaling * dy B (M, R) fp32 is the one pass over dy for the low-rank part; then
     dA = g^T dropout(x), dB = scaling * dy^T s and dx = dy W + keep/(1-p) * (g A), the last as
     one GEMM with the LoRA term in the same accumulator.
     """
     rank = lora_A.shape[0] if rank is None else rank
+    adapter_dtype = lora_A.dtype
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     g = lora_thin(dy, lora_B.t(), scale=scaling, index=index, rank=rank)
-    d_a = lora_tall(g, x, dropout_p=dropout_p, seed=seed).to(lora_A.dtype)
-    d_b = lora_tall(s, dy, scale=scaling).t().to(lora_B.dtype)
+    d_a = lora_tall(g, x, dropout_p=dropout_p, seed=seed).to(adapter_dtype)
+    d_b = lora_tall(s, dy, scale=scaling).t().to(adapter_dtype)
     dx = None
     if need_dx:
         dx = lora_gemm(dy, weight.t(), g, lora_A.t(), scale=1.0, dropout_p=dropout_p, seed=seed)

@@ -447,6 +447,59 @@ def test_lora_linear_runs_the_base_layers_hooks():
     torch.testing.assert_close(layer(x), update)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_over_a_half_x_get_fp32_gradients(dtype):
+    """peft's default keeps the adapters in fp32 over a half base. The op runs their products in
+    x's dtype (as autocast would) and returns their gradients as the fp32 sums: as accurate as
+    torch computing in x's dtype (the usual criterion), and finite where rounding them to fp16
+    overflows (a sum over many rows of a GradScaler-scaled dy)."""
+    t, dy = _inputs("cpu", dtype, (96,), 16, 12, 4, bias=True)
+    t["lora_A"], t["lora_B"] = t["lora_A"].float(), t["lora_B"].float()
+    trainable = ("x", "lora_A", "lora_B")
+
+    def fused(**k):
+        return lora_linear(**k, scaling=2.0, backend="triton")
+
+    def in_dtype(**k):  # torch in x's dtype: the adapters cast to it
+        k["lora_A"], k["lora_B"] = k["lora_A"].to(dtype), k["lora_B"].to(dtype)
+        return lora_linear_reference(**k, scaling=2.0)
+
+    y, grads = _grads(fused, t, dy, trainable)
+    same_y, same_grads = _grads(in_dtype, t, dy, trainable)
+    t64 = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    y64, grads64 = _grads(lambda **k: lora_linear_reference(**k, scaling=2.0), t64,
+                          dy.double(), trainable)
+    assert y.dtype == dtype and grads["lora_A"].dtype == grads["lora_B"].dtype == torch.float32
+    _check(y, y64, same_y, dtype, "y")
+    for name in trainable:
+        _check(grads[name], grads64[name], same_grads[name], dtype, name)
+    scaled = dy * 2.0 ** 10  # a loss scale: dA's sums over the 96 rows pass fp16's 65504
+    (_, grads), (_, same_grads) = (_grads(f, t, scaled, ("lora_A",)) for f in (fused, in_dtype))
+    assert torch.isfinite(grads["lora_A"]).all() and grads["lora_A"].abs().max() > 65504
+    assert torch.isinf(same_grads["lora_A"]).any() == (dtype == torch.float16)
+    with pytest.raises(TypeError, match="one dtype"):
+        lora_linear(**dict(t, lora_B=t["lora_B"].to(dtype)), scaling=2.0)
+
+
+def test_merge_refuses_a_recomputed_base_weight():
+    from torch.nn.utils import parametrize, prune
+
+    layer = LoRALinear(nn.Linear(24, 16), r=4, init_lora_weights=False)
+    prune.l1_unstructured(layer.base_layer, "weight", amount=0.5)
+    with pytest.raises(RuntimeError, match="recomputed"):
+        layer.merge()
+    assert not layer.merged
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = LoRALinear(nn.Linear(24, 16), r=4, init_lora_weights=False)
+    parametrize.register_parametrization(layer.base_layer, "weight", Doubled())
+    with pytest.raises(RuntimeError, match="recomputed"):
+        layer.merge()
+
+
 # --- peft -------------------------------------------------------------------------------------
 
 class _TinyMLP(nn.Module):
@@ -736,3 +789,57 @@ def test_gemm_autotuning_separates_and_prunes_the_dropout_variant():
     assert kernels._fitting_configs(gemm, {}, DROPOUT=False) == gemm
     assert "DROPOUT" in kernels._tuned("gemm", torch.bfloat16).keys
 
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_fp16_base_with_peft_fp32_adapters_matches_peft_gradients(monkeypatch):
+    """peft's default (autocast_adapter_dtype: fp32 adapters) over an fp16 model with a scaled
+    loss: the fused layer's adapter gradients are finite and equal peft's to fp32 rounding (they
+    overflowed when the adapters were cast to fp16 for the op)."""
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = _peft_model().half()
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            for adapters in (module.lora_A, module.lora_B):
+                adapters["default"].float()
+    x = torch.randn(96, 32, generator=torch.Generator().manual_seed(3)).half()
+    grads = []
+    for fuse in (False, True):
+        if fuse:
+            calls = _count_fused_calls(monkeypatch)
+            assert fuse_lora(model).n_fused == 2
+        model.zero_grad(set_to_none=True)
+        (model(x).float().sum() * 2.0 ** 12).backward()
+        grads.append(_lora_grads(model))
+    assert calls
+    for name, g in grads[0].items():
+        assert g.dtype == torch.float32 and torch.isfinite(grads[1][name]).all(), name
+        assert rel_max_diff(grads[1][name], g) <= 1e-2, name
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_unfuse_keeps_a_hook_added_after_fusing_and_dropout_one_stays_on_peft():
+    accelerate = pytest.importorskip("accelerate.hooks")
+    from fasttrain.integrations.peft import fuse_lora, unfuse_lora
+
+    class Count(accelerate.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = _peft_model()
+    x = torch.randn(3, 32)
+    expected = model(x)
+    fuse_lora(model)
+    layer = model.base_model.model.fc1
+    accelerate.add_hook_to_module(layer, Count())
+    assert unfuse_lora(model) == 2
+    torch.testing.assert_close(model(x), expected)
+    assert Count.calls == 1  # the hook still runs
+    accelerate.remove_hook_from_module(layer)
+    assert fuse_lora(model).n_fused == 2  # accelerate left peft's own forward: fusable again
+    report = fuse_lora(_peft_model(dropout=1.0))
+    assert report.n_fused == 0 and "lora_dropout=1" in report.not_fused["base_model.model.fc1"]

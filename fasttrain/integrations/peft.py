@@ -8,10 +8,10 @@ layer's forward (accelerate's). Other layers stay on peft's path; the returned r
 which and why. A fused layer runs the adapter active at call time (``set_adapter`` works), and
 hands back to peft's own forward whenever it no longer qualifies (adapters disabled or merged,
 several active adapters, extra forward arguments such as ``adapter_names``, x not in the base
-weight's dtype outside ``torch.autocast``). Adapter
-weights kept in fp32 over a bf16/fp16 base (peft's autocast_adapter_dtype) are cast to the base
-dtype for the fused op (the gradients flow back to the fp32 parameters). ``unfuse_lora(model)``
-or ``report.undo()`` restores peft's forward. ``nn.DataParallel``'s replicas of a fused layer
+weight's dtype outside ``torch.autocast``). Adapter weights kept in fp32 over a bf16/fp16 base
+(peft's autocast_adapter_dtype) go to the fused op as they are: its products run in the base
+dtype, their gradients come back in fp32. ``unfuse_lora(model)`` or ``report.undo()`` restores
+peft's forward (a hook added to a fused layer since, e.g. accelerate's, stays and runs peft's). ``nn.DataParallel``'s replicas of a fused layer
 run fused on their own weights; a shallow ``copy.copy`` of one does not (its forward stays bound
 to the original; ``copy.deepcopy`` is fine). peft is imported lazily; it is not a dependency of
 fasttrain.
@@ -78,10 +78,12 @@ def _why_not(module) -> str | None:
                "float nn.Linear"
     if type(base).forward is not nn.Linear.forward:
         return f"base layer {type(base).__name__} has its own forward (e.g. fake quantization)"
-    if hasattr(module, "_hf_hook") or ("forward" in module.__dict__ and not hasattr(module, _MARK)):
+    if hasattr(module, "_hf_hook") or (_wrapped(module) and not hasattr(module, _MARK)):
         return "the layer's forward is wrapped already (e.g. an accelerate hook)"
     if not isinstance(module.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
+    if isinstance(module.lora_dropout[name], nn.Dropout) and module.lora_dropout[name].p >= 1:
+        return "lora_dropout=1 (the fused op takes p < 1)"
     if module.merged:
         return "adapter weights are merged into the base layer"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") \
@@ -90,6 +92,14 @@ def _why_not(module) -> str | None:
     if type(base.weight.data) is not torch.Tensor:
         return f"the base weight is a {type(base.weight.data).__name__}, not a plain tensor"
     return None
+
+
+def _wrapped(module) -> bool:
+    """An instance forward other than the class's own bound to the module (which accelerate's
+    remove_hook_from_module leaves behind)."""
+    f = module.__dict__.get("forward")
+    return f is not None and not (getattr(f, "__func__", None) is type(module).forward
+                                  and getattr(f, "__self__", None) is module)
 
 
 def _dtype_ok(x, weight) -> bool:
@@ -109,8 +119,10 @@ def _fused_forward(self, x, *args, **kwargs):
     name = self.active_adapters[0]  # _why_not: exactly one, with LoRA weights in this layer
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    lora_a = self.lora_A[name].weight.to(x.dtype)
-    lora_b = self.lora_B[name].weight.to(x.dtype)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
+        # fp32 adapters go in as they are (the op returns their gradients in fp32)
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     scaling = self.scaling[name]
     if isinstance(scaling, torch.Tensor):
         # a tensor (peft's prepare_model_for_compiled_hotswap): float() would read it on the
@@ -158,10 +170,19 @@ def unfuse_lora(model: nn.Module) -> int:
             previous = getattr(module, _MARK)
             if isinstance(previous, tuple):  # (adapter, forward): a model fused by fasttrain 0.x
                 previous = previous[1]       # before the layers followed set_adapter
-            del module.forward
+            current = module.__dict__.get("forward")
+            if isinstance(current, functools.partial) and current.func is _fused_forward:
+                del module.forward
+                if previous is not None:
+                    module.forward = previous
+            elif isinstance(getattr(module, "_old_forward", None), functools.partial) and \
+                    module._old_forward.func is _fused_forward:
+                # wrapped since (an accelerate hook): the wrapper stays, calling peft's forward
+                module._old_forward = previous if previous is not None else \
+                    type(module).forward.__get__(module)
+            # (any other wrapper still calls the fused forward, which, unmarked, hands over to
+            # peft's: _why_not sees a wrapped forward)
             module.__dict__.pop("_replicate_for_data_parallel", None)
-            if previous is not None:
-                module.forward = previous
             delattr(module, _MARK)
             count += 1
     return count

@@ -80,6 +80,14 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            if "weight" not in self.base_layer._parameters:
+                # pruning's pre-hook or a parametrization rebuilds it at every call: the merged
+                # update would be lost while forward skips the adapter
+                raise RuntimeError(
+                    "LoRALinear.merge: the base layer's weight is recomputed at each call "
+                    "(torch pruning, nn.utils.parametrize), so an update merged into it would "
+                    "be lost; make it a plain parameter first (prune.remove, "
+                    "parametrize.remove_parametrizations) or keep the adapter unmerged")
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
             self.merged = True

@@ -45,7 +45,9 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
         x, weight, lora_A, lora_B = (t.float() for t in (x, weight, lora_A, lora_B))
         bias = bias.float() if bias is not None else None
     y = F.linear(x, weight, bias)
-    y = y + F.linear(F.linear(_dropped(x, dropout_p, dropout_mask), lora_A), lora_B) * scaling
+    # fp32 adapters over a half x: the branch in fp32, as peft computes it
+    xd = _dropped(x, dropout_p, dropout_mask).to(lora_A.dtype)
+    y = y + F.linear(F.linear(xd, lora_A), lora_B) * scaling
     return y.to(dtype)
 
 
@@ -58,9 +60,9 @@ def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, adapter_index, 
         x, weight, lora_A, lora_B = (t.float() for t in (x, weight, lora_A, lora_B))
         bias = bias.float() if bias is not None else None
     y = F.linear(x, weight, bias)
-    xd = _dropped(x, dropout_p, dropout_mask)
+    xd = _dropped(x, dropout_p, dropout_mask).to(lora_A.dtype)
     for a in range(lora_A.shape[0]):
-        rows = (adapter_index == a).unsqueeze(-1).to(x.dtype)
+        rows = (adapter_index == a).unsqueeze(-1).to(lora_A.dtype)
         y = y + rows * (F.linear(F.linear(xd, lora_A[a]), lora_B[a]) * scaling)
     return y.to(dtype)
 
@@ -128,13 +130,14 @@ torch.library.register_autograd("fasttrain::lora_linear_fwd", _backward,
 
 # --- public API -----------------------------------------------------------------------------
 
-def _check_tensor(name, t, dtype, device, optional=False):
+def _check_tensor(name, t, dtype, device, optional=False, or_fp32=False):
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have x's dtype {dtype}, got {t.dtype}")
+    if t.dtype != dtype and not (or_fp32 and t.dtype == torch.float32):
+        also = " or float32" if or_fp32 else ""
+        raise TypeError(f"{name} must have x's dtype {dtype}{also}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {t.device}")
 
@@ -147,7 +150,10 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, n_adapters=No
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t, optional in (("weight", weight, False), ("bias", bias, True),
                               ("lora_A", lora_A, False), ("lora_B", lora_B, False)):
-        _check_tensor(name, t, x.dtype, x.device, optional)
+        _check_tensor(name, t, x.dtype, x.device, optional, or_fp32=name.startswith("lora"))
+    if isinstance(lora_B, Tensor) and lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must have one dtype, got {lora_A.dtype} and "
+                        f"{lora_B.dtype}")
     if x.dim() < 1:
         raise ValueError("x must be (..., K), got a 0-d tensor")
     if weight.dim() != 2:
@@ -225,7 +231,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     """y = x W^T + b + scaling * dropout(x) A^T B^T.
 
     x: (..., K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); all of one
-    dtype (float32, float16, bfloat16) and device. scaling: float (lora_alpha / r, or
+    dtype (float32, float16, bfloat16) and device, except that the adapters may be float32
+    over a half x (peft's default): their products then run in x's dtype (as under autocast),
+    and their gradients come back as the fp32 sums (not rounded to x's dtype, which overflows
+    fp16 where a GradScaler's scale meets a sum over many rows). scaling: float (lora_alpha / r, or
     lora_alpha / sqrt(r) for rsLoRA). dropout_p: applied to x in the LoRA branch only, whenever
     > 0 (pass 0.0 in eval). Returns (..., N) in x's dtype. Gradients: x, lora_A, lora_B, and
     weight / bias when they require grad.
