@@ -74,9 +74,10 @@ def requested(backend: str | None, offers: tuple[str, ...] = BACKENDS) -> str | 
 
 def log_once(family: str, backend: str, why: str) -> None:
     """The one INFO line of a backend choice (nothing while torch.compile traces: logging
-    would break the graph)."""
+    would break the graph; is_compiling first, or the trace would guard on the set and
+    recompile once an eager call had logged)."""
     key = (family, backend, why)
-    if key not in _logged and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and key not in _logged:
         _logged.add(key)
         logger.info("fasttrain.%s: using the %s backend (%s)", family, backend, why)
 
@@ -84,7 +85,7 @@ def log_once(family: str, backend: str, why: str) -> None:
 def warn_once(family: str, device_type: str, reasons: str) -> None:
     """The one warning of an automatic fallback to the torch reference."""
     key = (family, "fallback", device_type)
-    if key not in _logged and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and key not in _logged:
         _logged.add(key)
         warnings.warn(f"fasttrain.{family}: no fused backend for {device_type} tensors "
                       f"({reasons}); using the torch reference implementation", stacklevel=4)

@@ -2,12 +2,13 @@
 
 In order: (1) a prebuilt ``fasttrain._C``
 (``FASTTRAIN_BUILD_EXT=1 pip install --no-build-isolation .``) if it was built against the
-running torch, from the csrc/ sources present, with the same flags, on this CPU (else an
-error that says to rebuild it); (2) a JIT build of csrc/ with torch.utils.cpp_extension and
-ninja into a cache folder (``$FASTTRAIN_CACHE`` or ``~/.cache/fasttrain``, one subfolder per
-torch version and hash of the sources and flags; later processes import the cached module
-directly); (3) if that fails, one warning that includes the compiler's error, and ``None`` so
-that callers fall back to the Triton or torch path.
+running torch, from the csrc/ sources present, with the same flags (else an error that says to
+rebuild it; it is built for the building machine's CPU, -march=native); (2) a JIT build of
+csrc/ with torch.utils.cpp_extension and ninja into a cache folder (``$FASTTRAIN_CACHE`` or
+``~/.cache/fasttrain``, one subfolder per torch version and hash of the sources, flags, CPU
+and GPU architectures; later processes import the cached module directly); (3) if that
+fails, one warning that includes the compiler's error, and ``None`` so that callers fall back
+to the Triton or torch path.
 
 The ops register themselves under ``torch.ops.fasttrain`` when the module is imported. The
 module itself also has ``adamw_cpu_`` and ``sum_sq_cpu``: the same CPU kernels with the same
@@ -74,15 +75,13 @@ def _try_prebuilt():
             "--no-build-isolation .), or delete fasttrain/_C*.so for a JIT build on first use")
     built_from = _C.sources_key() if hasattr(_C, "sources_key") else ""
     try:
-        expected = _sources.fingerprint(_sources.csrc_dir(), _C.has_cuda(),
-                                        _sources.machine_tag(False))  # as setup.py's build
+        expected = _sources.fingerprint(_sources.csrc_dir(), _C.has_cuda())  # as setup.py's
     except FileNotFoundError:  # no sources shipped: nothing to compare with
         expected = built_from
     if built_from != expected:
         raise RuntimeError(
-            "the prebuilt fasttrain._C was built from other sources, flags or for another CPU/"
-            "GPU than these (csrc/ edited since, or the module copied from another machine: "
-            "it is built with -march=native): rebuild it (FASTTRAIN_BUILD_EXT=1 pip install "
+            "the prebuilt fasttrain._C was built from other sources or flags than these "
+            "(csrc/ edited since): rebuild it (FASTTRAIN_BUILD_EXT=1 pip install "
             "--no-build-isolation .), or delete fasttrain/_C*.so for a JIT build on first use")
     return _C, None
 

@@ -127,9 +127,9 @@ def extension(root):
 
     csrc = Path(root) / "csrc"
     with_cuda = want_cuda()
-    # the key of the sources, flags and CPU (not the GPU architectures: TORCH_CUDA_ARCH_LIST
-    # may name more than the GPUs of the machine that loads it)
-    cxx = cxx_flags(with_cuda, torch.__version__, fingerprint(csrc, with_cuda, machine_tag(False)))
+    # the key of the sources and flags (not the machine: $CXX or a kernel's new cpuinfo flags
+    # at load time would refuse a good build; it is built for this machine's CPU, -march=native)
+    cxx = cxx_flags(with_cuda, torch.__version__, fingerprint(csrc, with_cuda))
     # Relative paths: setuptools wants sources relative to setup.py's folder.
     srcs = [os.path.relpath(s, root) for s in sources(csrc, with_cuda)]
     if with_cuda:

@@ -225,6 +225,10 @@ def _one_rank_steps_worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
+        # no bf16 param to round, or master weights: no seed needed, no broadcast
+        assert AdamW(_model().parameters(), stochastic_rounding=True).seed is None
+        assert AdamW(_model().to(torch.bfloat16).parameters(), stochastic_rounding=True,
+                     master_weights=True).seed is None
         model = _model().to(torch.bfloat16)
         opt = AdamW(model.parameters(), lr=1e-3, stochastic_rounding=True, backend="cpu")
         if rank == 0:

@@ -352,20 +352,58 @@ def test_mask_overlays_and_chunked_attention_are_refused():
     from fasttrain.integrations.transformers import padding_mask
 
     with pytest.raises(NotImplementedError, match="overlay"):
-        padding_mask(2, 6, 6, use_vmap=True, config=SimpleNamespace())
+        padding_mask(2, 6, 6, mask_function=lambda b, h, q, kv: q >= kv, use_vmap=True,
+                     config=SimpleNamespace())
     with pytest.raises(NotImplementedError, match="attention_chunk_size"):
         padding_mask(2, 6, 6, config=SimpleNamespace(attention_chunk_size=4))
     assert padding_mask(2, 4, 4, config=SimpleNamespace(attention_chunk_size=4)) is None
     no_chunked_layers = SimpleNamespace(attention_chunk_size=4, layer_types=["full_attention"])
     assert padding_mask(2, 6, 6, config=no_chunked_layers) is None
     # a bidirectional prefix (PaliGemma's block_sequence_ids): no use_vmap, found in the closures
-    from transformers.masking_utils import blockwise_overlay, causal_mask_function, or_masks
+    from transformers.masking_utils import (and_masks, blockwise_overlay, causal_mask_function,
+                                            or_masks, sliding_window_overlay)
 
     blocks = torch.tensor([[0, 0, 0, -1, -1, -1]])
     prefix = or_masks(causal_mask_function, blockwise_overlay(blocks))
-    with pytest.raises(NotImplementedError, match="overlay"):
+    with pytest.raises(NotImplementedError, match="bidirectional tokens"):
         padding_mask(1, 6, 6, mask_function=prefix, config=SimpleNamespace())
+    # PaliGemma: non-causal modules (use_bidirectional_attention) under a causal + prefix mask
+    with pytest.raises(NotImplementedError, match="causal over non-causal"):
+        padding_mask(1, 6, 6, mask_function=prefix,
+                     config=SimpleNamespace(use_bidirectional_attention=True))
     assert padding_mask(1, 6, 6, mask_function=causal_mask_function) is None
+    # no token in a block (a multimodal model's text-only batch): nothing to refuse, also in a
+    # sliding layer's and/or composition (use_vmap)
+    text = blockwise_overlay(torch.full((1, 6), -1))
+    sliding = and_masks(or_masks(causal_mask_function, text), sliding_window_overlay(4))
+    assert padding_mask(1, 6, 6, mask_function=sliding, use_vmap=True,
+                        config=SimpleNamespace()) is None
+    custom = and_masks(or_masks(causal_mask_function, lambda b, h, q, kv: q < 2),
+                       sliding_window_overlay(4))
+    with pytest.raises(NotImplementedError, match="custom mask overlay"):
+        padding_mask(1, 6, 6, mask_function=custom, use_vmap=True, config=SimpleNamespace())
+
+
+def test_gemma3_multimodal_text_only_batches_with_token_type_ids_match_eager():
+    """Gemma 3's processor always returns token_type_ids; with no image token the model's block
+    overlays change nothing and are not refused."""
+    text = transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16,
+                                         sliding_window=8)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                    mm_tokens_per_image=4, image_token_index=127)
+    torch.manual_seed(0)
+    built = [transformers.Gemma3ForConditionalGeneration._from_config(
+        copy.deepcopy(cfg), attn_implementation=name).train() for name in ("eager", "fasttrain")]
+    built[1].load_state_dict(built[0].state_dict())
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    expected, got = (model(**kwargs).logits for model in built)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
 def test_a_batch_without_padding_reads_no_shared_position_row(monkeypatch):

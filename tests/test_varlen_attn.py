@@ -402,10 +402,23 @@ def test_torch_compile_dynamic_shapes_and_cu_seqlens_checked():
                                     softmax_scale=scale, return_lse=True, backend="triton")
         return out.sum() + lse.sum()
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
-    for lengths, scale in (([3, 4], None), ([2, 2, 5], 0.25), ([1, 6, 4], 0.25)):
+    graphs = []
+
+    def counting(gm, example_inputs):  # aot_eager, counting the graphs compiled
+        from torch._dynamo.backends.registry import lookup_backend
+
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(f, backend=counting, fullgraph=True, dynamic=True)
+    first = None
+    for lengths in ([3, 4], [2, 2, 5], [1, 6, 4], [4, 4, 4, 3]):
         q, k, v, cu_q, _ = make(lengths, lengths, 2, 1, 16, torch.float32, "cpu")
-        torch.testing.assert_close(compiled(q, k, v, cu_q, scale), f(q, k, v, cu_q, scale))
+        torch.testing.assert_close(compiled(q, k, v, cu_q, 0.25), f(q, k, v, cu_q, 0.25))
+        first = first or len(graphs)
+    assert len(graphs) == first  # no recompile for new token counts (a traced total in a message)
+    q, k, v, cu_q, _ = make([3, 4], [3, 4], 2, 1, 16, torch.float32, "cpu")
+    torch.testing.assert_close(compiled(q, k, v, cu_q, None), f(q, k, v, cu_q, None))
     q, k, v = (torch.randn(7, 2, 16) for _ in range(3))
     with pytest.raises(RuntimeError, match="non-decreasing"):
         compiled(q, k, v, torch.tensor([0, 5, 3], dtype=torch.int32), None)

@@ -70,13 +70,12 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     from transformers.masking_utils import flash_attention_mask
 
     config = kwargs.get("config")
-    if ((kwargs.get("use_vmap") and not getattr(config, "use_bidirectional_attention", False))
-            or _has_piece(mask_function, "blockwise_overlay.")):
+    overlay = _overlay(mask_function, bool(kwargs.get("use_vmap")), config, batch_size,
+                       kv_length, device)
+    if overlay is not None:
         raise NotImplementedError(
-            "attn_implementation='fasttrain' supports padding, packing, causal and sliding-window "
-            "masks only; this model adds a custom mask overlay (or_mask_function/"
-            "and_mask_function or block_sequence_ids, e.g. bidirectional attention over image "
-            "tokens or a prefix)")
+            f"attn_implementation='fasttrain' supports padding, packing, causal and "
+            f"sliding-window masks only; this model adds {overlay}")
     chunk = getattr(config, "attention_chunk_size", None)
     layer_types = getattr(config, "layer_types", None)
     if (chunk is not None and (layer_types is None or "chunked_attention" in layer_types)
@@ -94,22 +93,65 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     return mask
 
 
-def _has_piece(fn, qualname_prefix: str, depth: int = 8) -> bool:
-    """Whether a transformers mask function is built (through and_masks/or_masks closures)
-    from a function whose qualified name starts with ``qualname_prefix``."""
+# transformers' mask pieces: combinators (walked into), and the patterns computed here from the
+# mask, the modules' is_causal/sliding_window and the packing (the rest of a mask is refused)
+_COMBINATORS = ("and_masks.", "or_masks.", "remap_positions_for_packed_sequence.",
+                "add_offsets_to_mask_function.")
+_COMPUTED = ("causal_mask_function", "bidirectional_mask_function", "sliding_window_overlay.",
+             "sliding_window_bidirectional_overlay.", "padding_mask_function.",
+             "packed_sequence_mask_function.", "chunked_overlay.")
+
+
+def _leaves(fn, depth: int = 8):
+    """The functions a transformers mask function is built from (through its combinators'
+    closures)."""
     if depth == 0 or not callable(fn):
-        return False
-    if getattr(fn, "__qualname__", "").startswith(qualname_prefix):
-        return True
+        return
+    if not getattr(fn, "__qualname__", "").startswith(_COMBINATORS):
+        yield fn
+        return
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(_has_piece(v, qualname_prefix, depth - 1) for v in values):
-            return True
-    return False
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            yield from _leaves(v, depth - 1)
+
+
+def _closure_value(fn, name: str):
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    return fn.__closure__[names.index(name)].cell_contents if name in names else None
+
+
+def _overlay(mask_function, use_vmap: bool, config, batch_size: int, kv_length: int,
+             device) -> str | None:
+    """What a mask adds that a packed attention here does not compute, or None. Blocks of
+    bidirectional tokens (PaliGemma's prefix, Gemma 3's images: ``blockwise_overlay``) count
+    only when a token is in one (one host read, for the models that pass them); other
+    overlays (transformers sets ``use_vmap`` for or/and mask functions) count unless every
+    piece is one computed here. With ``use_bidirectional_attention`` the modules are
+    non-causal, which is right where the mask is two-sided too (Gemma 3's bidirectional
+    models), not where it stays causal outside blocks (PaliGemma's prefix LM): each token's
+    view of the next one is read from the mask (one host read)."""
+    if getattr(config, "use_bidirectional_attention", False):
+        if kv_length < 2 or mask_function is None:
+            return None
+        b = torch.arange(batch_size, device=device)[:, None]
+        q = torch.arange(kv_length - 1, device=device)[None, :]
+        if bool(torch.as_tensor(mask_function(b, 0, q, q + 1)).all()):
+            return None
+        return "a mask that stays causal over non-causal modules (a prefix LM)"
+    for fn in _leaves(mask_function):
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        if name.startswith("blockwise_overlay."):
+            ids = _closure_value(fn, "block_sequence_ids")
+            if not isinstance(ids, torch.Tensor) or bool((ids >= 0).any()):
+                return ("blocks of bidirectional tokens (block_sequence_ids, e.g. an image; "
+                        "text-only batches of a multimodal model are fine)")
+        elif use_vmap and not name.startswith(_COMPUTED):
+            return f"a custom mask overlay ({name})"
+    return None
 
 
 def _version(t: torch.Tensor) -> int | None:

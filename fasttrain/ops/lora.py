@@ -234,7 +234,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, back
     dtype (float32, float16, bfloat16) and device, except that the adapters may be float32
     over a half x (peft's default): their products then run in x's dtype (as under autocast),
     and their gradients come back as the fp32 sums (not rounded to x's dtype, which overflows
-    fp16 where a GradScaler's scale meets a sum over many rows). scaling: float (lora_alpha / r, or
+    fp16 where a GradScaler's scale meets a sum over many rows). Under torch.autocast every
+    tensor is cast first, adapters included, so their gradients are rounded, as peft's are
+    there. scaling: float (lora_alpha / r, or
     lora_alpha / sqrt(r) for rsLoRA). dropout_p: applied to x in the LoRA branch only, whenever
     > 0 (pass 0.0 in eval). Returns (..., N) in x's dtype. Gradients: x, lora_A, lora_B, and
     weight / bias when they require grad.

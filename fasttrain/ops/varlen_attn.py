@@ -154,9 +154,10 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> None:
     if cu.numel() == 0:
         return
     first, last, monotone = cu[0] == 0, cu[-1] == total, (cu[1:] >= cu[:-1]).all()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # a constant message: a traced total would specialize
         torch._assert_async(first & last & monotone,
-                            f"{name} must start at 0, be non-decreasing and end at {total}")
+                            f"{name} must start at 0, be non-decreasing and end at the number "
+                            "of tokens")
         return
     if cu.device.type != "cuda":
         for ok, what in ((first, "start at 0"), (monotone, "be non-decreasing"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import array
 import itertools
 import operator
+import os
 from collections import defaultdict
 
 import torch
@@ -200,8 +201,12 @@ def _shared_seed(params):
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    box = [int(torch.randint(0, 2**31 - 1, ()).item())]
+    box = [int(torch.randint(0, 2**31 - 1, (), device="cpu").item())]
     cuda = next((p.device for p in params if p.device.type == "cuda"), None)
+    if cuda is None and dist.get_backend() == "nccl" and "LOCAL_RANK" in os.environ:
+        # params on the CPU or meta (offloading, deferred init): NCCL needs this rank's GPU,
+        # which the default (the current device) is not if set_device was not called
+        cuda = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dist.broadcast_object_list(box, src=0, device=cuda)
     return box[0]
 
@@ -250,8 +255,10 @@ class AdamW(Optimizer):
         self.state_dtype = state_dtype
         self.backend = _backend.requested(backend)
         self.seed = seed  # stochastic rounding's; drawn from torch's RNG when first needed
-        if stochastic_rounding and seed is None:  # a collective under torch.distributed
-            self.seed = _shared_seed([p for g in self.param_groups for p in g["params"]])
+        params = [p for g in self.param_groups for p in g["params"]]
+        if (stochastic_rounding and seed is None and not master_weights
+                and any(p.dtype == torch.bfloat16 for p in params)):
+            self.seed = _shared_seed(params)  # a collective under torch.distributed
         self.last_grad_norm = None
         # GradScaler calls step() directly and sets grad_scale / found_inf on the optimizer.
         self._step_supports_amp_scaling = True
