@@ -439,3 +439,27 @@ def test_gemma3_bidirectional_attention_matches_sdpa():
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).last_hidden_state, ref(ids).last_hidden_state,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", ["all", "vision"])
+def test_gemma4_bidirectional_and_vision_text_models_match_sdpa(bidirectional):
+    """Gemma 4 "all": non-causal modules under a two-sided sliding window the mask makes
+    inclusive (|q - kv| <= sliding_window, one wider than transformers' FlashAttention path);
+    "vision": causal modules (text-only here: no block overlay to refuse)."""
+    cfg = transformers.Gemma4TextConfig(
+        **SMALL, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=4,
+        vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=bidirectional)
+    torch.manual_seed(0)
+    ref, fast = (transformers.Gemma4TextModel._from_config(copy.deepcopy(cfg),
+                                                           attn_implementation=name).eval()
+                 for name in ("sdpa", "fasttrain"))
+    fast.load_state_dict(ref.state_dict())
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).last_hidden_state, ref(ids).last_hidden_state,
+                                   rtol=1e-4, atol=2e-5)
+        got = fast(ids, attention_mask=mask).last_hidden_state
+        expected = ref(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=2e-5)

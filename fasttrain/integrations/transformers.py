@@ -15,7 +15,9 @@ Three input layouts reach the attention function, as with FlashAttention 2 in tr
   read per forward, shared by all layers);
 - a batch without padding: equal lengths (no host sync unless position ids are given per row).
 Sliding windows (``sliding_window`` of Mistral/Qwen2/Gemma layers: the query and the
-``sliding_window - 1`` keys on each side, the right side cut when causal), GQA, logit softcap
+``sliding_window - 1`` keys on each side, the right side cut when causal; in non-causal layers
+whose mask is transformers' inclusive two-sided window, Gemma 4's or T5Gemma's, that mask's
+width), GQA, logit softcap
 (Gemma 2) and value head dims smaller than the query's (MLA) come from the modules; static KV
 caches (generation) are masked to the tokens seen so far.
 transformers is imported lazily; it is never a dependency of fasttrain.
@@ -31,6 +33,9 @@ from fasttrain.ops.varlen_attn import varlen_attention
 NAME = "fasttrain"
 _POSITION_CU = WeakIdKeyDictionary()  # position_ids tensor -> (version, cu_seqlens or None)
 _UNPAD = WeakIdKeyDictionary()  # 2-D attention mask -> (version, {q_len: unpad data})
+# model config -> the half-width of its masks' two-sided sliding window, inclusive (transformers'
+# sliding_window_bidirectional_overlay: |q - kv| <= w, wider by one than sliding_window - 1)
+_TWO_SIDED = WeakIdKeyDictionary()
 # attention-function kwargs of patterns fasttrain does not compute (refused, never dropped):
 # T5-style relative position bias, attention sinks, sparse (DSA/NSA) key indices
 _UNSUPPORTED = ("position_bias", "sinks", "indices", "block_indices")
@@ -104,10 +109,10 @@ _COMPUTED = ("causal_mask_function", "bidirectional_mask_function", "sliding_win
 
 def _leaves(fn, depth: int = 8):
     """The functions a transformers mask function is built from (through its combinators'
-    closures)."""
-    if depth == 0 or not callable(fn):
+    closures; one nested deeper than ``depth`` is yielded as it is, a piece not known)."""
+    if not callable(fn):
         return
-    if not getattr(fn, "__qualname__", "").startswith(_COMBINATORS):
+    if depth == 0 or not getattr(fn, "__qualname__", "").startswith(_COMBINATORS):
         yield fn
         return
     for cell in getattr(fn, "__closure__", None) or ():
@@ -130,19 +135,30 @@ def _overlay(mask_function, use_vmap: bool, config, batch_size: int, kv_length: 
     bidirectional tokens (PaliGemma's prefix, Gemma 3's images: ``blockwise_overlay``) count
     only when a token is in one (one host read, for the models that pass them); other
     overlays (transformers sets ``use_vmap`` for or/and mask functions) count unless every
-    piece is one computed here. With ``use_bidirectional_attention`` the modules are
-    non-causal, which is right where the mask is two-sided too (Gemma 3's bidirectional
-    models), not where it stays causal outside blocks (PaliGemma's prefix LM): each token's
-    view of the next one is read from the mask (one host read)."""
-    if getattr(config, "use_bidirectional_attention", False):
+    piece is one computed here. ``use_bidirectional_attention`` True or "all" (Gemma 3's and
+    Gemma 4's bidirectional models, PaliGemma) makes the modules non-causal, which is right
+    where the mask is two-sided too, not where it stays causal outside blocks (PaliGemma's
+    prefix LM): the mask must be symmetric between each token and the next (one host read)."""
+    leaves = list(_leaves(mask_function))
+    for fn in leaves:
+        if getattr(fn, "__qualname__", "").startswith("sliding_window_bidirectional_overlay.") \
+                and config is not None:
+            _TWO_SIDED[config] = _closure_value(fn, "sliding_window")
+    bidirectional = getattr(config, "use_bidirectional_attention", False)
+    if bidirectional is True or bidirectional == "all":
         if kv_length < 2 or mask_function is None:
             return None
         b = torch.arange(batch_size, device=device)[:, None]
         q = torch.arange(kv_length - 1, device=device)[None, :]
-        if bool(torch.as_tensor(mask_function(b, 0, q, q + 1)).all()):
+        try:
+            ahead, behind = (torch.as_tensor(mask_function(b, 0, i, j))
+                             for i, j in ((q, q + 1), (q + 1, q)))
+        except Exception as e:  # noqa: BLE001 - a mask function not written for index tensors
+            return f"a mask function that cannot be read here ({type(e).__name__}: {e})"
+        if bool((ahead == behind).all()):
             return None
         return "a mask that stays causal over non-causal modules (a prefix LM)"
-    for fn in _leaves(mask_function):
+    for fn in leaves:
         name = getattr(fn, "__qualname__", type(fn).__name__)
         if name.startswith("blockwise_overlay."):
             ids = _closure_value(fn, "block_sequence_ids")
@@ -243,8 +259,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         v = torch.nn.functional.pad(v, (0, head_dim - v_dim))
     causal = module.is_causal if is_causal is None else is_causal
     # sliding_window: the query and the sliding_window - 1 keys on each side (the right side is
-    # cut to 0 when causal), as transformers' FlashAttention path
+    # cut to 0 when causal), as transformers' FlashAttention path; a two-sided window the
+    # model's mask makes inclusive (|q - kv| <= w, read by padding_mask) as that mask
     window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
+    config = getattr(module, "config", None)
+    inclusive = _TWO_SIDED.get(config) if sliding_window and config is not None else None
+    if inclusive is not None and not causal:
+        window = (inclusive, inclusive)
     options = dict(softmax_scale=scaling, causal=causal, window_size=window,
                    softcap=softcap or 0.0, backend=backend)
 
