@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import bisect
 import operator
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch

@@ -38,12 +38,13 @@ from fasttrain.ops.padding import cu_seqlens_from_position_ids
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
     """An int (NumPy ints and 1-element integer tensors too, as operator.index takes them)."""
+    error = TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if isinstance(value, bool):
+        raise error
     try:
-        if isinstance(value, bool):
-            raise TypeError
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+        raise error from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

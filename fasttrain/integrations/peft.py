@@ -11,12 +11,11 @@ several active adapters, extra forward arguments such as ``adapter_names``, x no
 weight's dtype outside ``torch.autocast``). Adapter weights kept in fp32 over a bf16/fp16 base
 (peft's autocast_adapter_dtype) go to the fused op as they are: its products run in the base
 dtype, their gradients come back in fp32 (under torch.autocast rounded to its dtype, as
-peft's). ``unfuse_lora(model)`` or ``report.undo()`` restores
-peft's forward (a hook added to a fused layer since, e.g. accelerate's, stays and runs peft's).
-``nn.DataParallel``'s replicas of a fused layer run fused on their own weights; a shallow
-``copy.copy`` of one does not (its forward stays bound to the original; ``copy.deepcopy`` is
-fine). peft is imported lazily; it is not a dependency of
-fasttrain.
+peft's). ``unfuse_lora(model)`` or ``report.undo()`` restores peft's forward (a hook added to a
+fused layer since, e.g. accelerate's, stays and runs peft's). ``nn.DataParallel``'s replicas of
+a fused layer run fused on their own weights; a shallow ``copy.copy`` of one does not (its
+forward stays bound to the original; ``copy.deepcopy`` is fine). peft is imported lazily; it is
+not a dependency of fasttrain.
 """
 from __future__ import annotations
 

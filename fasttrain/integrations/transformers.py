@@ -68,10 +68,9 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     masks (transformers passes them ``allow_is_bidirectional_skip``) are left as they are:
     for cross-attention, kv_length is the encoder's length, not a cache's.
 
-    Patterns a 2-D mask cannot carry are refused rather than dropped: mask overlays
-    (``or_mask_function``/``and_mask_function``, e.g. Gemma 3's bidirectional image tokens;
-    a model-wide ``use_bidirectional_attention`` is honoured, its layers are non-causal) and
-    chunked attention (Llama 4's ``attention_chunk_size``) longer than one chunk."""
+    Patterns a 2-D mask cannot carry are refused rather than dropped: what ``_overlay`` finds
+    in the mask function (image blocks, prefix LMs, custom overlays) and chunked attention
+    (Llama 4's ``attention_chunk_size``) longer than one chunk."""
     from transformers.masking_utils import flash_attention_mask
 
     config = kwargs.get("config")
