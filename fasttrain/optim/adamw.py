@@ -201,14 +201,16 @@ def _shared_seed(params):
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    box = [int(torch.randint(0, 2**31 - 1, (), device="cpu").item())]
-    cuda = next((p.device for p in params if p.device.type == "cuda"), None)
-    if cuda is None and dist.get_backend() == "nccl" and "LOCAL_RANK" in os.environ:
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
+    device = next((p.device for p in params if p.device.type == "cuda"), None)
+    if device is None and dist.get_backend() == "nccl":
         # params on the CPU or meta (offloading, deferred init): NCCL needs this rank's GPU,
-        # which the default (the current device) is not if set_device was not called
-        cuda = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    dist.broadcast_object_list(box, src=0, device=cuda)
-    return box[0]
+        # which the current device is not if set_device was not called
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK",
+                                                         torch.cuda.current_device())))
+    seed = seed.to(device or "cpu")
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
 
 
 class AdamW(Optimizer):
