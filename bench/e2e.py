@@ -250,8 +250,8 @@ def run(ctx: Context) -> Iterator[list[dict]]:
     """One row per stack, yielded as each finishes (the baseline first, then fasttrain's whole
     stack: a run cut off by a time limit keeps the pair that DESIGN's target compares)."""
     try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
+        from peft import LoraConfig  # noqa: F401  (the names, not the lazy modules alone)
+        from transformers import AutoModelForCausalLM  # noqa: F401
     except ImportError as e:
         ctx.skip("e2e", f"needs transformers and peft ({e})")
         return

@@ -80,7 +80,7 @@ class Problem:
         self.out, self.lse = self.fwd(None)
 
     def fwd(self, config):
-        from kernels.varlen_attn import varlen_attn_fwd
+        from fasttrain.kernels.varlen_attn import varlen_attn_fwd
 
         x = self.x
         return varlen_attn_fwd(x.q, x.k, x.v, x.cu_seqlens, x.cu_seqlens,
@@ -88,7 +88,7 @@ class Problem:
                                softcap=0.0, config=config)
 
     def bwd(self, config):
-        from kernels.varlen_attn import varlen_attn_bwd
+        from fasttrain.kernels.varlen_attn import varlen_attn_bwd
 
         x = self.x
         return varlen_attn_bwd(x.dout, x.q, x.k, x.v, self.out, self.lse, None, x.cu_seqlens,
@@ -154,7 +154,7 @@ def _time_ms(fn, device: str) -> tuple[float, float]:
 
 def sweep(device: str, head_dim: int, jobs: int) -> dict:
     """Compile every candidate in ``jobs`` processes, then time and check them here."""
-    from kernels.varlen_attn import configs
+    from fasttrain.kernels.varlen_attn import configs
 
     tiny = device == "cpu"
     problem = Problem(device, head_dim)

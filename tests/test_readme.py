@@ -50,3 +50,22 @@ def test_readme_block_runs(code, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def test_the_checkouts_kernels_folder_does_not_hide_a_kernels_package(tmp_path):
+    """``python -m``/``-c`` in the checkout puts its root first on sys.path, where the top-level
+    kernels/ folder (fasttrain.kernels once installed) would hide any other package named
+    ``kernels``: Hugging Face's, which transformers >= 5.25 imports (every model import failed
+    from the root). The name goes to the installed package; fasttrain.kernels is unaffected."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHO = 'the installed kernels package'\n")
+    code = ("import kernels, fasttrain.kernels.common as c; "
+            "print(kernels.WHO); print(c.__name__, c.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "the installed kernels package",
+        f"fasttrain.kernels.common {REPO / 'kernels' / 'common.py'}"]
