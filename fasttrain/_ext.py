@@ -226,7 +226,10 @@ def _register_fakes() -> None:
     def _sum_sq_fake(tensors):
         return torch.empty((), dtype=torch.float64, device="cpu")
 
+    # the overload and its packet: a graph traced from a call of the packet holds the packet,
+    # and torch 2.11's DCE does not look through it to the overload (2.13's does)
     torch.fx.node.has_side_effect(torch.ops.fasttrain.adamw_cuda_.default)
+    torch.fx.node.has_side_effect(torch.ops.fasttrain.adamw_cuda_)
 
 
 def has_cuda() -> bool:
