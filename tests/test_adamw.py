@@ -128,11 +128,25 @@ def test_adamw_matches_torch_100_steps(device, backend, config):
         assert_close(p, p_ref, rel=1e-6, name=name)
 
 
+def _interpreter_fma_rounds_once() -> bool:
+    """Whether the Triton interpreter's tl.fma is a real fused multiply-add in fp32."""
+    try:
+        from triton.runtime.interpreter import _interpreter
+    except ImportError:
+        return False
+    return hasattr(_interpreter, "fma_fp32")
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_training_tracks_torch(device, backend):
     """A real training loop (gradients depend on the params, so rounding differences grow):
     fasttrain may differ from torch's default AdamW by at most 2x as much as torch's own fused
     AdamW does."""
+    if backend == "triton" and device == "cpu" and not _interpreter_fma_rounds_once():
+        pytest.skip("this Triton's interpreter computes tl.fma as a multiply and an add (two "
+                    "roundings): the kernel's arithmetic is not emulated, and the loop amplifies "
+                    "the difference (Triton 3.6: 7.2e-4 apart against torch's 2.7e-4 spread; it "
+                    "passes with a single-rounding tl.fma patched into that interpreter)")
     kwargs = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     model, losses = train_model(lambda m: AdamW(m.parameters(), backend=backend, **kwargs),
                                 device, 100)
@@ -1205,15 +1219,6 @@ def test_automatic_fallback_to_reference_warns(monkeypatch):
     with pytest.warns(UserWarning, match="cpu: broken.*torch reference"):
         opt.step()
     assert [b.backend for b in opt._buckets()] == ["torch"]
-
-
-def _interpreter_fma_rounds_once() -> bool:
-    """Whether the Triton interpreter's tl.fma is a real fused multiply-add in fp32."""
-    try:
-        from triton.runtime.interpreter import _interpreter
-    except ImportError:
-        return False
-    return hasattr(_interpreter, "fma_fp32")
 
 
 @pytest.mark.parametrize("backend", [b for b in backends_for("cpu") if b != "torch"])
