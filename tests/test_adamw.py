@@ -612,6 +612,25 @@ def test_adamw_loading_an_adam_state_dict_stays_adamw(source):
     assert loaded.param_groups[0]["decoupled_weight_decay"] is True
 
 
+def test_adam_built_decoupled_takes_the_loaded_switch():
+    """torch's Adam keeps the loaded groups' decoupled_weight_decay, whatever it was built with:
+    Adam(decoupled_weight_decay=True) loading an L2 Adam's state_dict goes on with L2 decay."""
+    params = make_params("cpu")
+    saver = torch.optim.Adam(params, lr=1e-2, weight_decay=0.5)
+    run_steps(saver, params, 2)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adam(params, lr=1e-2, weight_decay=0.5, decoupled_weight_decay=True)
+    ref = torch.optim.Adam(ref_params, lr=1e-2, weight_decay=0.5, decoupled_weight_decay=True)
+    opt.load_state_dict(copy.deepcopy(saver.state_dict()))
+    ref.load_state_dict(copy.deepcopy(saver.state_dict()))
+    assert opt.param_groups[0]["decoupled_weight_decay"] is False
+    assert ref.param_groups[0]["decoupled_weight_decay"] is False
+    run_steps(opt, params, 3, first=2)
+    run_steps(ref, ref_params, 3, first=2)
+    for p, r in zip(params, ref_params):
+        assert_close(p, r, rel=1e-6)
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_amsgrad_max_keeps_a_nan_as_torch(device, backend):
     """A NaN grad element makes exp_avg_sq NaN; torch.maximum propagates it into

@@ -290,7 +290,9 @@ class AdamW(Optimizer):
         super().__setstate__(state)  # also how torch's load_state_dict installs the new state
         self._reset_caches()
         for group in self.param_groups:
-            if self._decoupled:  # AdamW, whatever the loaded groups say (as torch's AdamW)
+            # AdamW, whatever the loaded groups say (as torch's AdamW); Adam, even one built with
+            # decoupled_weight_decay=True, takes the loaded groups' switch (as torch's Adam)
+            if type(self)._decoupled:
                 group["decoupled_weight_decay"] = True
             else:
                 group.setdefault("decoupled_weight_decay", False)
