@@ -288,6 +288,49 @@ def test_state_changed_by_hand_is_seen(device, backend, reset):
     assert len(opt.state_dict()["state"]) == len(params)
 
 
+@pytest.mark.parametrize("device, backend", backend_cases() + [("cpu", None)])
+@pytest.mark.parametrize("swap", ["size", "dtype", "channels_last"])
+def test_param_data_replaced_between_steps(device, backend, swap):
+    """``p.data = t`` between steps keeps the Parameter object and changes its tensor under it:
+    another size is a clear error, as in torch (the Triton kernel read the old sizes: out of
+    bounds); another dtype regroups, and the steps equal those of an optimizer built after the
+    same change; another memory layout regroups onto torch's path (the states keep theirs) and
+    matches torch (a kernel backend forced there: a clear error)."""
+    def make():
+        return torch.nn.Parameter(torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+                                  .to(device))
+
+    p = make()
+    opt = AdamW([p], lr=1e-2, backend=backend)
+    run_steps(opt, [p], 2, in_place=True)
+    if swap == "size":
+        p.data = torch.randn(65536, device=device)
+    elif swap == "dtype":
+        p.data = p.data.bfloat16()  # the fp32 grad stays
+    else:  # the grad follows, as a backward would make it
+        p.data = p.data.contiguous(memory_format=torch.channels_last)
+        p.grad = p.grad.contiguous(memory_format=torch.channels_last)
+    if swap == "size" or (swap == "channels_last" and backend not in ("torch", None)):
+        match = {"size": "state 'exp_avg' of param 0 has shape|must match the size of tensor",
+                 "channels_last": "needs params in one memory format"}[swap]
+        with pytest.raises(RuntimeError, match=match):
+            opt.step()
+        return
+    q = make()
+    q.grad = p.grad.clone()  # before the data: a float32 grad, then bfloat16 data
+    q.data = p.detach().clone()
+    # dtype: the same tensors under an optimizer that has not grouped them before
+    ref = AdamW([q], lr=1e-2, backend=backend) if swap == "dtype" else \
+        torch.optim.AdamW([q], lr=1e-2)
+    ref.state[q] = copy.deepcopy(opt.state[p])  # as they are (a load casts them to bf16)
+    run_steps(opt, [p], 2, first=2, in_place=True)
+    run_steps(ref, [q], 2, first=2, in_place=True)
+    if swap == "dtype":
+        assert torch.equal(p, q)
+    else:
+        assert_close(p, q, rel=1e-6)
+
+
 def test_layouts_are_kept_across_steps_without_state_writes(monkeypatch):
     """The per-step cache survives what does not change the tensors a step reads: the user's
     own keys in a param's state, another optimizer's state, a copy of the state."""
