@@ -219,6 +219,31 @@ def test_sampler_coverage_budget_determinism(padded):
     assert s.efficiency == pytest.approx(sum(lengths) / (len(epoch1) * 512), rel=1e-12)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_sampler_has_as_many_batches_every_epoch(padded):
+    """HF Trainer reads len() once and counts gradient accumulation by it: an epoch that packed
+    into fewer batches left its last micro-batch's gradient to the next epoch. Every epoch now
+    has epoch 0's count (splitting or merging batches), within the budget, every index once."""
+    lengths = _random_lengths(300, 1, 200, seed=11)
+    kw = dict(max_tokens=512, bucket_size=64, seed=0, padded=padded)
+    s = LengthBucketedBatchSampler(lengths, **kw)
+    count = len(s)
+
+    def cost(b):
+        return len(b) * max(lengths[i] for i in b) if padded else sum(lengths[i] for i in b)
+
+    raw, plans = [], []
+    for epoch in range(1, 30):
+        s.set_epoch(epoch)
+        raw.append(len(s._pack(epoch)[0]))
+        plans.append(list(s))
+        assert len(plans[-1]) == len(s) == count
+        assert sorted(i for b in plans[-1] for i in b) == list(range(300))
+        assert all(cost(b) <= 512 for b in plans[-1])
+    assert min(raw) < count < max(raw), "the epochs must pack into fewer and more batches"
+    assert len({tuple(map(tuple, p)) for p in plans}) == len(plans), "each epoch reshuffled"
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_sampler_shards_batches_over_ranks(drop_last):
     lengths = _random_lengths(300, 1, 200, seed=14)

@@ -267,9 +267,12 @@ class LengthBucketedBatchSampler(Sampler):
     packs tighter but mixes less); the batches of all buckets are then shuffled. Every index
     appears exactly once per epoch (over all ranks, apart from the batches repeated or dropped
     to even them out; see ``num_replicas``). Call ``set_epoch(epoch)`` each epoch, like
-    ``DistributedSampler``. The number of batches can differ by one or two between epochs (each
-    shuffle packs differently); trainers that read ``len()`` once (Lightning, HF Trainer) end
-    every epoch at that count, so an epoch that packs into more batches skips its last ones.
+    ``DistributedSampler``. Every epoch has as many batches as epoch 0, since trainers read
+    ``len()`` once (HF Trainer also counts its gradient accumulation by it: an epoch that ended
+    early left its last micro-batches' gradients to the next epoch). Each shuffle packs
+    differently, into one or two batches more or fewer: fewer are split (the one with the most
+    examples), more merged (the emptiest batch's examples moved into the others' room). If
+    they do not fit there (rare), the epoch keeps its extra batches, which such trainers skip.
 
     lengths: token count per example (ints, a 1-D integer tensor, or example dicts).
     max_tokens: token budget per batch.
@@ -308,6 +311,7 @@ class LengthBucketedBatchSampler(Sampler):
         self.padded = padded
         self.epoch = 0
         self._plan: tuple[int, list[list[int]]] | None = None
+        self._count: int | None = None  # batches per epoch: epoch 0's
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -317,11 +321,9 @@ class LengthBucketedBatchSampler(Sampler):
         """Itself: Lightning (and other loops) call ``batch_sampler.sampler.set_epoch``."""
         return self
 
-    def _batches(self) -> list[list[int]]:
-        if self._plan is not None and self._plan[0] == self.epoch:
-            return self._plan[1]
+    def _pack(self, epoch: int) -> tuple[list[list[int]], torch.Generator]:
         n = len(self.lengths)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         batches = []
         for s in range(0, n, self.bucket_size):
@@ -330,6 +332,16 @@ class LengthBucketedBatchSampler(Sampler):
                 batches += self._cut_padded(bucket)
             else:
                 batches += _best_fit_decreasing(self.lengths, bucket, self.max_tokens)
+        return batches, g
+
+    def _batches(self) -> list[list[int]]:
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        batches, g = self._pack(self.epoch)
+        if self.epoch != 0:
+            if self._count is None:
+                self._count = len(self._pack(0)[0])
+            batches = self._to_count(batches, self._count)
         if self.shuffle:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
@@ -341,6 +353,33 @@ class LengthBucketedBatchSampler(Sampler):
                 batches = batches + [batches[i % len(batches)] for i in range(short)]
             batches = batches[self.rank::self.num_replicas]
         self._plan = (self.epoch, batches)
+        return batches
+
+    def _tokens(self, batch: list[int]) -> int:
+        """What ``batch`` costs of the budget: its real tokens, or rows * longest if padded."""
+        if self.padded:
+            return len(batch) * max(self.lengths[i] for i in batch)
+        return sum(self.lengths[i] for i in batch)
+
+    def _to_count(self, batches: list[list[int]], count: int) -> list[list[int]]:
+        """``batches`` made ``count`` long where they can be: fewer are split (the one with the
+        most examples, into two of alternating lengths), more merged (the emptiest one's
+        examples moved into the others' room, best fit) until one does not fit anywhere."""
+        batches = [list(b) for b in batches]
+        while len(batches) < count:  # count <= examples: some batch has two or more
+            k = max(range(len(batches)), key=lambda j: (len(batches[j]), -j))
+            by_length = sorted(batches[k], key=lambda i: (self.lengths[i], i))
+            batches[k:k + 1] = [by_length[0::2], by_length[1::2]]
+        while len(batches) > count:
+            k = min(range(len(batches)), key=lambda j: (self._tokens(batches[j]), j))
+            rest = [list(b) for j, b in enumerate(batches) if j != k]
+            for i in sorted(batches[k], key=lambda i: (-self.lengths[i], i)):
+                fits = [j for j, b in enumerate(rest) if self._tokens(b + [i]) <= self.max_tokens]
+                if not fits:
+                    return batches
+                best = max(fits, key=lambda j: (self._tokens(rest[j]), -j))
+                rest[best].append(i)
+            batches = rest
         return batches
 
     def _cut_padded(self, bucket: list[int]) -> list[list[int]]:
