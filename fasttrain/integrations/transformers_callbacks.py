@@ -11,7 +11,10 @@ each batch to the scheduled length::
 
 The Trainer's loader collates one batch ahead (more with ``dataloader_num_workers``), so a
 batch is cut with the length of the step before the one that trains on it (with gradient
-accumulation, the first micro-batch of a step; the others get the step's own length).
+accumulation, the first micro-batch of a step; the others get the step's own length). A run
+resumed during the warmup (``resume_from_checkpoint``) differs there once: its first batch,
+collated before any step of the new run, gets the restored step's length, where the
+uninterrupted run had cut it with the step before's; from the next batch on the two agree.
 
 The Trainer collates evaluation batches with the same ``data_collator``: evaluations during
 the warmup see the cut lengths too, and their losses are not comparable with later ones.
