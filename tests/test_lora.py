@@ -737,6 +737,53 @@ def test_fuse_lora_reports_what_it_leaves_on_peft():
     assert all("variant" in why for why in report.not_fused.values()), report.not_fused
 
 
+def _ia3_under_lora():
+    """LoRA over IA3: peft wraps each IA3 Linear in a lora.Linear, whose base_layer is then the
+    IA3 layer (get_base_layer() the nn.Linear under both)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    inner = get_peft_model(_TinyMLP(), IA3Config(target_modules=["fc1", "fc2"],
+                                                 feedforward_modules=["fc2"],
+                                                 init_ia3_weights=False))
+    return get_peft_model(inner, LoraConfig(r=8, lora_alpha=16, target_modules=["fc1", "fc2"],
+                                            init_lora_weights=False))
+
+
+def _bf16_adapters():
+    """bf16 adapters over an fp32 model: peft casts x to bf16 for the LoRA branch."""
+    model = _peft_model()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.bfloat16()
+    return model
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+@pytest.mark.parametrize("make, why", [(_ia3_under_lora, "another peft layer (peft.tuners.ia3"),
+                                       (_bf16_adapters, "bfloat16 adapters over torch.float32")])
+def test_fuse_lora_leaves_on_peft_what_it_would_compute_otherwise(make, why):
+    """Left on peft, with the same outputs and gradients: LoRA over another peft layer (fused,
+    its inner adapter was skipped: outputs off by as much as they measure, the IA3 scales had
+    no gradient), and half adapters over an fp32 base (fused, computed in fp32: 3e-3 apart)."""
+    from fasttrain.integrations.peft import fuse_lora
+
+    model = make()
+    x = torch.randn(3, 11, 32)
+    y_peft = model(x)
+    y_peft.square().mean().backward()
+    g_peft = _lora_grads(model)
+    model.zero_grad()
+    report = fuse_lora(model)
+    assert report.n_fused == 0, report
+    assert all(why in r for r in report.not_fused.values()), report.not_fused
+    y = model(x)
+    y.square().mean().backward()
+    assert torch.equal(y, y_peft)
+    g = _lora_grads(model)
+    assert g.keys() == g_peft.keys() and all(torch.equal(g[n], g_peft[n]) for n in g)
+
+
 # --- real sizes on a GPU ----------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -2,9 +2,11 @@
 
 ``fuse_lora(model)`` rebinds ``forward`` of every peft ``lora.Linear`` that it can run fused:
 one active adapter, plain LoRA (no DoRA or other variant, no lora_bias), an nn.Linear base
-layer (not a subclass with its own forward, such as a fake-quantized one) that is not
-``fan_in_fan_out``, nn.Dropout or no dropout, no hooks on the base layer or wrapper of the
-layer's forward (accelerate's). Other layers stay on peft's path; the returned report says
+layer (not a subclass with its own forward, such as a fake-quantized one, nor another peft
+layer such as IA3's under the LoRA one) that is not ``fan_in_fan_out``, adapters in fp32 or
+the base weight's dtype (peft computes half adapters over an fp32 base in their dtype),
+nn.Dropout or no dropout, no hooks on the base layer or wrapper of the layer's forward
+(accelerate's). Other layers stay on peft's path; the returned report says
 which and why. A fused layer runs the adapter active at call time (``set_adapter`` works), and
 hands back to peft's own forward whenever it no longer qualifies (adapters disabled or merged,
 several active adapters, extra forward arguments such as ``adapter_names``, x not in the base
@@ -74,9 +76,17 @@ def _why_not(module) -> str | None:
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
     base = module.get_base_layer()
+    if module.base_layer is not base:
+        inner = type(module.base_layer)
+        return f"the base layer is another peft layer ({inner.__module__}.{inner.__qualname__}" \
+               "), whose own adapter the fused op would skip"
     if not isinstance(base, nn.Linear) or base.weight.dtype not in DTYPES:
         return f"base layer {type(base).__name__} with {base.weight.dtype} weights is not a " \
                "float nn.Linear"
+    adapters = {module.lora_A[name].weight.dtype, module.lora_B[name].weight.dtype}
+    if not adapters <= {torch.float32, base.weight.dtype}:
+        return f"{'/'.join(sorted(map(str, adapters)))} adapters over {base.weight.dtype} base " \
+               "weights (peft computes them in their dtype)"
     if type(base).forward is not nn.Linear.forward:
         return f"base layer {type(base).__name__} has its own forward (e.g. fake quantization)"
     if hasattr(module, "_hf_hook") or (_wrapped(module) and not hasattr(module, _MARK)):
@@ -103,24 +113,28 @@ def _wrapped(module) -> bool:
                                   and getattr(f, "__self__", None) is module)
 
 
-def _dtype_ok(x, weight) -> bool:
-    """x's dtype is the base weight's, or autocast casts both to one (as lora_linear does)."""
-    if x.dtype == weight.dtype:
-        return True
+def _dtype_ok(x, weight, lora_a, lora_b) -> bool:
+    """x's dtype is the base weight's, or autocast casts both to one (as lora_linear does); and
+    the adapters are fp32 or in that dtype (peft casts x to half adapters' dtype: over fp32 x
+    they would be computed in fp32 here, and their gradients differ by a rounding)."""
     device = x.device.type
-    return x.dtype in DTYPES and torch.is_autocast_enabled(device) \
-        and torch.get_autocast_dtype(device) in DTYPES
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in DTYPES
+    if x.dtype != weight.dtype and not (x.dtype in DTYPES and autocast):
+        return False
+    compute = torch.get_autocast_dtype(device) if autocast else x.dtype
+    return {lora_a.dtype, lora_b.dtype} <= {torch.float32, compute}
 
 
 def _fused_forward(self, x, *args, **kwargs):
     base = self.get_base_layer()
-    if args or kwargs or self.disable_adapters or not _dtype_ok(x, base.weight) \
-            or x.device != base.weight.device or _why_not(self) is not None:
+    if args or kwargs or self.disable_adapters or _why_not(self) is not None:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]  # _why_not: exactly one, with LoRA weights in this layer
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if not _dtype_ok(x, base.weight, lora_a, lora_b) or x.device != base.weight.device:
+        return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     if lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
         # fp32 adapters go in as they are (the op returns their gradients in fp32)
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
