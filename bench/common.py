@@ -7,8 +7,9 @@ time.perf_counter around each call. CUDA: device time, an event pair around each
 behind a short sleep kernel, so that the host issues the call while the GPU sleeps and the
 pair times the GPU's work alone, as in training, where the host runs ahead of the GPU (and as
 FlashAttention's and Triton's benchmarks time kernels). The host's time to issue each call
-(Python, checks, launches) is recorded beside it (``host_p50_ms``); the sleep is longer than
-that time, so it never shows in the device time. The elapsed times are read once at the end.
+(Python, checks, launches) is recorded beside it (``host_p50_ms``); the sleep, 1.5x the
+longest of three such times measured first (at most 100 ms), is longer, so the issue time does
+not show in the device time. The elapsed times are read once at the end.
 """
 from __future__ import annotations
 
@@ -155,21 +156,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     cuda = device.type == "cuda"
     samples = {name: [] for name in names}
     host = {name: [] for name in names}
+    sleep_ms = {}
     if cuda:
         per_ms = _sleep_cycles_per_ms(device)
-        for name in names:  # one more call each: how long the host takes to issue it
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            host[name].append((time.perf_counter() - start) * 1e3)
+        for name in names:  # three more calls each: how long the host takes to issue it
+            for _ in range(3):
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fns[name]()
+                host[name].append((time.perf_counter() - start) * 1e3)
+            # fixed from these calls, which start on an idle GPU: a call that waits for the GPU
+            # inside (a sync) would, timed behind a sleep, wait for that sleep too, and a sleep
+            # grown from such times grew 1.5x a repetition
+            sleep_ms[name] = min(0.05 + 1.5 * max(host[name]), 100.0)
         torch.cuda.synchronize(device)
     for rep in range(reps):
         for name in random.Random(rep).sample(names, len(names)):
             if cuda:
                 torch.cuda.synchronize(device)
-                # the GPU sleeps longer than the host has ever taken to issue this call: the
-                # start event runs when the call's work is queued behind it
-                torch.cuda._sleep(int(per_ms * (0.05 + 1.5 * max(host[name]))))
+                # the GPU sleeps longer than the host took to issue this call: the start event
+                # runs when the call's work is queued behind it
+                torch.cuda._sleep(int(per_ms * sleep_ms[name]))
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
                 t0 = time.perf_counter()
@@ -189,7 +196,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
            for name, ms in samples.items()}
     if cuda:
         for name in names:
-            out[name]["host_p50_ms"] = float(np.median(host[name][1:]))
+            out[name]["host_p50_ms"] = float(np.median(host[name][3:]))
     return out
 
 

@@ -295,12 +295,25 @@ def verdicts(docs: list[dict]) -> list[Verdict]:
     return [judge(t, docs) for t in TARGETS]
 
 
-def _with_unit(value: float, unit: str) -> str:
-    """A bar: 1.0x, 1.15x, 90%, 450 TFLOP/s."""
+def _with_unit(value: float, unit: str, digits: int = 3) -> str:
+    """A bar: 1.0x, 1.15x, 90%, 450 TFLOP/s (``digits`` significant, but for x)."""
     if unit == "x":
         text = f"{value:.2f}".rstrip("0")
         return (text + "0" if text.endswith(".") else text) + "x"
-    return f"{fmt(value)}{'' if unit == '%' else ' '}{unit}"
+    return f"{fmt(value, digits)}{'' if unit == '%' else ' '}{unit}"
+
+
+def _figure(value: float, unit: str, bar: float) -> str:
+    """A measured figure, with the digits that tell it from its bar (a 0.999x that missed
+    1.0x, printed 1.00x, would read as met)."""
+    for digits in range(3, 8):
+        if unit == "x":
+            text, bar_text = f"{value:.{digits - 1}f}x", f"{bar:.{digits - 1}f}x"
+        else:
+            text, bar_text = _with_unit(value, unit, digits), _with_unit(bar, unit, digits)
+        if value == bar or text != bar_text:
+            break
+    return text
 
 
 def table(docs: list[dict]) -> list[str]:
@@ -318,8 +331,7 @@ def table(docs: list[dict]) -> list[str]:
             used[v.doc["path"]] = v.doc
             on = v.doc["env"]["device_name"] + (" (partial run)"
                                                 if v.doc.get("complete") is False else "")
-        figure = "-" if v.figure is None else (
-            f"{v.figure:.2f}x" if t.unit == "x" else _with_unit(v.figure, t.unit))
+        figure = "-" if v.figure is None else _figure(v.figure, t.unit, t.bar)
         lines.append(f"| {t.name} | {t.rows.where()} | {figure} | {bar} | {verdict} | "
                      f"{on} |")
     counts = {k: sum(v.verdict.startswith(k) for v in results)

@@ -600,3 +600,76 @@ def test_adamw_targets_run_time_the_installed_peers_beside_torch(cuda):
             assert set(adamw.PEERS) <= set(v.providers) and adamw.BASELINE in v.providers
     quick = adamw.variants(SimpleNamespace(cuda=cuda, sizes="quick"))
     assert not set(adamw.PEERS) & set(quick[0].providers)
+
+
+class _SimulatedGPU:
+    """A GPU timeline for time_interleaved's CUDA path on the CPU: launches queue behind each
+    other on a device clock, the host clock advances by what the host does."""
+
+    def __init__(self):
+        self.host = self.gpu = 0.0  # ms
+        self.sleeps = []
+
+    def launch(self, ms):
+        self.gpu = max(self.gpu, self.host + 0.005) + ms
+        self.host += 0.004
+
+    def synchronize(self, device=None):
+        self.host = max(self.host, self.gpu)
+
+    def install(self, monkeypatch):
+        import torch
+
+        from bench import common
+
+        sim = self
+
+        class Event:
+            def __init__(self, enable_timing=True):
+                self.t = None
+
+            def record(self):
+                self.t = max(sim.gpu, sim.host + 0.005)
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        def sleep(cycles):
+            sim.sleeps.append(cycles / 1e6)
+            sim.launch(cycles / 1e6)
+
+        monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
+        monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(common, "_sleep_cycles_per_ms", lambda device: 1e6)
+        monkeypatch.setattr(common.time, "perf_counter", lambda: sim.host / 1e3)
+
+
+def test_cuda_timing_is_device_time_and_a_provider_that_syncs_does_not_stall(monkeypatch):
+    """Device time of GPU-bound and host-bound calls alike; and a call that waits for the GPU
+    inside (a sync) waited, timed behind a sleep, for that sleep too: with the sleep grown from
+    those waits (1.5x a repetition) 40 repetitions took hours of GPU sleep."""
+    import torch
+
+    from bench.common import time_interleaved
+
+    sim = _SimulatedGPU()
+    sim.install(monkeypatch)
+
+    def call(gpu_ms, host_ms, sync=False):
+        def fn():
+            sim.host += host_ms
+            sim.launch(gpu_ms)
+            if sync:
+                sim.synchronize()
+                sim.launch(gpu_ms)
+        return fn
+
+    out = time_interleaved({"gpu-bound": call(1.0, 0.2), "host-bound": call(0.05, 0.5),
+                            "syncs": call(0.1, 0.05, sync=True)},
+                           torch.device("cuda"), reps=40, warmup=1)
+    assert out["gpu-bound"]["p50_ms"] == pytest.approx(1.0, abs=0.01)
+    assert out["host-bound"]["p50_ms"] == pytest.approx(0.05, abs=0.01)
+    assert out["syncs"]["p50_ms"] == pytest.approx(0.2, abs=0.02)
+    assert out["host-bound"]["host_p50_ms"] == pytest.approx(0.5, abs=0.02)
+    assert max(sim.sleeps) < 2.0 and sim.host < 300, (max(sim.sleeps), sim.host)
