@@ -297,8 +297,8 @@ def test_param_data_replaced_between_steps(device, backend, swap):
     same change; another memory layout regroups onto torch's path (the states keep theirs) and
     matches torch (a kernel backend forced there: a clear error)."""
     def make():
-        return torch.nn.Parameter(torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))
-                                  .to(device))
+        gen = torch.Generator().manual_seed(0)
+        return torch.nn.Parameter(torch.randn(3, 5, 4, 6, generator=gen).to(device))
 
     p = make()
     opt = AdamW([p], lr=1e-2, backend=backend)

@@ -355,12 +355,6 @@ class LengthBucketedBatchSampler(Sampler):
         self._plan = (self.epoch, batches)
         return batches
 
-    def _tokens(self, batch: list[int]) -> int:
-        """What ``batch`` costs of the budget: its real tokens, or rows * longest if padded."""
-        if self.padded:
-            return len(batch) * max(self.lengths[i] for i in batch)
-        return sum(self.lengths[i] for i in batch)
-
     def _to_count(self, batches: list[list[int]], count: int) -> list[list[int]]:
         """``batches`` made ``count`` long where they can be: fewer are split (the one with the
         most examples, into two of alternating lengths), more merged (the emptiest one's
@@ -370,16 +364,32 @@ class LengthBucketedBatchSampler(Sampler):
             k = max(range(len(batches)), key=lambda j: (len(batches[j]), -j))
             by_length = sorted(batches[k], key=lambda i: (self.lengths[i], i))
             batches[k:k + 1] = [by_length[0::2], by_length[1::2]]
+        rows = [len(b) for b in batches]
+        longest = [max(self.lengths[i] for i in b) for b in batches]
+        real = [sum(self.lengths[i] for i in b) for b in batches]
+
+        def load(j, extra=0):  # what batch j costs of the budget, with an example of extra more
+            if self.padded:
+                return (rows[j] + (extra > 0)) * max(longest[j], extra)
+            return real[j] + extra
+
         while len(batches) > count:
-            k = min(range(len(batches)), key=lambda j: (self._tokens(batches[j]), j))
-            rest = [list(b) for j, b in enumerate(batches) if j != k]
+            k = min(range(len(batches)), key=lambda j: (load(j), j))
+            moves = []
             for i in sorted(batches[k], key=lambda i: (-self.lengths[i], i)):
-                fits = [j for j, b in enumerate(rest) if self._tokens(b + [i]) <= self.max_tokens]
-                if not fits:
+                n = self.lengths[i]
+                fits = [j for j in range(len(batches)) if j != k and load(j, n) <= self.max_tokens]
+                if not fits:  # undo this merge; the epoch keeps its extra batches
+                    for j, i, before in reversed(moves):
+                        batches[j].pop()
+                        rows[j], longest[j], real[j] = before
                     return batches
-                best = max(fits, key=lambda j: (self._tokens(rest[j]), -j))
-                rest[best].append(i)
-            batches = rest
+                j = max(fits, key=lambda j: (load(j), -j))  # best fit: the fullest that fits
+                moves.append((j, i, (rows[j], longest[j], real[j])))
+                batches[j].append(i)
+                rows[j], longest[j], real[j] = rows[j] + 1, max(longest[j], n), real[j] + n
+            for stats in (batches, rows, longest, real):
+                del stats[k]
         return batches
 
     def _cut_padded(self, bucket: list[int]) -> list[list[int]]:
