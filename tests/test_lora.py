@@ -526,23 +526,27 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _output_and_grads(model, x):
+    """model(x) and the gradients of a loss on it (zeroed again after)."""
+    y = model(x)
+    y.square().mean().backward()
+    grads = _lora_grads(model)
+    model.zero_grad()
+    return y, grads
+
+
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
 def test_fuse_lora_same_outputs_grads_and_undo():
     from fasttrain.integrations.peft import fuse_lora
 
     model = _peft_model()
     x = torch.randn(3, 11, 32)
-    y_peft = model(x)
-    y_peft.square().mean().backward()
-    g_peft = _lora_grads(model)
-    model.zero_grad()
+    y_peft, g_peft = _output_and_grads(model, x)
 
     report = fuse_lora(model)
     assert report.n_fused == 2 and report.n_not_fused == 0, report
-    y = model(x)
-    y.square().mean().backward()
+    y, g = _output_and_grads(model, x)
     assert_close(y, y_peft, rel=1e-5, name="y")
-    g = _lora_grads(model)
     assert g.keys() == g_peft.keys() and len(g) == 4
     for name in g:
         assert_close(g[name], g_peft[name], rel=1e-5, name=name)
@@ -770,17 +774,12 @@ def test_fuse_lora_leaves_on_peft_what_it_would_compute_otherwise(make, why):
 
     model = make()
     x = torch.randn(3, 11, 32)
-    y_peft = model(x)
-    y_peft.square().mean().backward()
-    g_peft = _lora_grads(model)
-    model.zero_grad()
+    y_peft, g_peft = _output_and_grads(model, x)
     report = fuse_lora(model)
     assert report.n_fused == 0, report
     assert all(why in r for r in report.not_fused.values()), report.not_fused
-    y = model(x)
-    y.square().mean().backward()
+    y, g = _output_and_grads(model, x)
     assert torch.equal(y, y_peft)
-    g = _lora_grads(model)
     assert g.keys() == g_peft.keys() and all(torch.equal(g[n], g_peft[n]) for n in g)
 
 
