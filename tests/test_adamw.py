@@ -331,6 +331,37 @@ def test_param_data_replaced_between_steps(device, backend, swap):
         assert_close(p, q, rel=1e-6)
 
 
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_tensors_replaced_at_the_same_address(device, backend):
+    """A param that was a view of a buffer's front rows, given the whole buffer (the same data
+    pointer, another size), is a clear error, not a kernel over the old sizes (the Triton
+    interpreter corrupted the heap). A step counter swapped to float64 regroups (the kernels'
+    state is made float32 again; the C++ kernel, which checks what it gets, says it must be):
+    the steps equal those of an optimizer whose counter was left alone."""
+    buf = torch.randn(4096, 8, device=device)
+    p = torch.nn.Parameter(buf[:6])
+    opt = AdamW([p], lr=1e-2, backend=backend)
+    run_steps(opt, [p], 2)
+    p.data = buf
+    p.grad = torch.randn_like(buf)
+    with pytest.raises(RuntimeError, match="state 'exp_avg' of param 0 has shape|must match"):
+        opt.step()
+
+    params = [make_params(device)[0] for _ in range(2)]
+    opts = [AdamW([q], lr=1e-2, backend=backend) for q in params]
+    for q, o in zip(params, opts):
+        run_steps(o, [q], 2)
+    step = opts[0].state[params[0]]["step"]
+    step.data = step.data.double()
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="steps.0. must be a float32 tensor"):
+            run_steps(opts[0], params[:1], 1, first=2)
+        return
+    for q, o in zip(params, opts):
+        run_steps(o, [q], 2, first=2)
+    assert torch.equal(params[0], params[1])
+
+
 def test_layouts_are_kept_across_steps_without_state_writes(monkeypatch):
     """The per-step cache survives what does not change the tensors a step reads: the user's
     own keys in a param's state, another optimizer's state, a copy of the state."""
