@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before kernels/ imports triton.jit functions
-        if "kernels.varlen_attn" in sys.modules:
+        if "fasttrain.kernels.varlen_attn" in sys.modules:
             print("--device cpu needs TRITON_INTERPRET=1 set before kernels are imported",
                   file=sys.stderr)
             return 2

@@ -11,9 +11,9 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.machinery.PathFinder.find_spec(
-        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(  # the checkout under any spelling: not it
+        __name__, [p for p in sys.path if os.path.realpath(p or os.curdir) != _root])
     if _spec is not None:
         _module = importlib.util.module_from_spec(_spec)
         sys.modules[__name__] = _module  # the import statement returns what sys.modules holds

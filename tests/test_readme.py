@@ -62,10 +62,13 @@ def test_the_checkouts_kernels_folder_does_not_hide_a_kernels_package(tmp_path):
     (other / "__init__.py").write_text("WHO = 'the installed kernels package'\n")
     code = ("import kernels, fasttrain.kernels.common as c; "
             "print(kernels.WHO); print(c.__name__, c.__file__)")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
-        "the installed kernels package",
-        f"fasttrain.kernels.common {REPO / 'kernels' / 'common.py'}"]
+    link = tmp_path / "checkout"  # the checkout under a second spelling too (a symlink)
+    link.symlink_to(REPO)
+    for cwd, path in ((REPO, tmp_path / "site"), (link, f"{link}{os.pathsep}{tmp_path / 'site'}")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd,
+                             env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.splitlines() == [
+            "the installed kernels package",
+            f"fasttrain.kernels.common {REPO / 'kernels' / 'common.py'}"]
