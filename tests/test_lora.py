@@ -232,6 +232,31 @@ def test_multi_with_one_adapter_equals_single():
     assert_close(y, lora_linear(**t, scaling=0.5), rel=1e-6, name="y")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"] if _backend.interpret_mode() else ["torch"])
+def test_multi_an_adapter_no_row_selects_does_not_reach_the_rows(backend):
+    """fp16: an adapter whose products overflow, selected by no row, left every row NaN on the
+    torch path (it multiplied each adapter's whole term by a 0/1 row mask: 0 * inf); now the
+    rows equal the per-row definition (only the selected adapter), outputs and x's gradient."""
+    gen = torch.Generator().manual_seed(0)
+    M, K, N, r = 37, 24, 40, 4
+    x = torch.randn(M, K, generator=gen)
+    w, b = torch.randn(N, K, generator=gen) * 0.2, torch.randn(N, generator=gen)
+    A, B = torch.randn(2, r, K, generator=gen) * 0.2, torch.randn(2, N, r, generator=gen) * 0.5
+    A[1] *= 300
+    B[1] *= 300  # adapter 1's x A^T B^T passes fp16's 65504
+    index = torch.where(torch.arange(M) % 2 == 0, 0, -1)  # adapter 0 or none
+    x64 = x.half().double().requires_grad_()
+    lora = (x64 @ A[0].half().double().t()) @ B[0].half().double().t() * 2.0
+    ref = x64 @ w.half().double().t() + b.half().double() + (index == 0)[:, None] * lora
+    ref.sum().backward()
+    xh = x.half().requires_grad_()
+    y = lora_linear_multi(xh, w.half(), b.half(), A.half(), B.half(), index, 2.0, backend=backend)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(xh.grad).all()
+    assert_close(y, ref, rel=1e-2, name="y")
+    assert_close(xh.grad, x64.grad, rel=1e-2, name="dx")
+
+
 def test_multi_with_a_strided_or_expanded_index():
     t, _ = _inputs("cpu", torch.float32, (12,), 40, 30, 8, bias=True)
     gen = torch.Generator().manual_seed(3)
@@ -889,3 +914,13 @@ def test_unfuse_keeps_a_hook_added_after_fusing_and_dropout_one_stays_on_peft():
     assert fuse_lora(model).n_fused == 2  # accelerate left peft's own forward: fusable again
     report = fuse_lora(_peft_model(dropout=1.0))
     assert report.n_fused == 0 and "lora_dropout=1" in report.not_fused["base_model.model.fc1"]
+
+
+def test_meta_tensors_give_shapes():
+    """On the meta device (shape inference, deferred init) the ops give the output's shape, as
+    nn.Linear does (asking autocast about the meta device raised)."""
+    x = torch.empty(3, 5, 24, device="meta")
+    w, A, B = (torch.empty(*s, device="meta") for s in ((40, 24), (4, 24), (40, 4)))
+    assert lora_linear(x, w, None, A, B, 2.0).shape == (3, 5, 40)
+    index = torch.zeros(3, 5, dtype=torch.int64, device="meta")
+    assert lora_linear_multi(x, w, None, A[None], B[None], index, 2.0).shape == (3, 5, 40)

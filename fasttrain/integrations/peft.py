@@ -118,7 +118,8 @@ def _dtype_ok(x, weight, lora_a, lora_b) -> bool:
     the adapters are fp32 or in that dtype (peft casts x to half adapters' dtype: over fp32 x
     they would be computed in fp32 here, and their gradients differ by a rounding)."""
     device = x.device.type
-    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in DTYPES
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) \
+        and torch.get_autocast_dtype(device) in DTYPES
     if x.dtype != weight.dtype and not (x.dtype in DTYPES and autocast):
         return False
     compute = torch.get_autocast_dtype(device) if autocast else x.dtype

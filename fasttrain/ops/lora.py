@@ -53,8 +53,10 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, adapter_index, scaling,
                                 dropout_p=0.0, *, dropout_mask=None, upcast=False):
-    """Reference of ``lora_linear_multi``: every adapter on every row, kept where
-    ``adapter_index`` selects it (rows with an index outside [0, n_adapters) get none)."""
+    """Reference of ``lora_linear_multi``: every adapter's x A^T on every row, kept where
+    ``adapter_index`` selects it (rows with an index outside [0, n_adapters) get none) before
+    the product with B, as the kernels do (an unselected product that overflows, 0 * inf, does
+    not reach the rows)."""
     dtype = x.dtype
     if upcast:
         x, weight, lora_A, lora_B = (t.float() for t in (x, weight, lora_A, lora_B))
@@ -62,8 +64,9 @@ def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, adapter_index, 
     y = F.linear(x, weight, bias)
     xd = _dropped(x, dropout_p, dropout_mask).to(lora_A.dtype)
     for a in range(lora_A.shape[0]):
-        rows = (adapter_index == a).unsqueeze(-1).to(lora_A.dtype)
-        y = y + rows * (F.linear(F.linear(xd, lora_A[a]), lora_B[a]) * scaling)
+        rows = (adapter_index == a).unsqueeze(-1)
+        s = torch.where(rows, F.linear(xd, lora_A[a]), 0.0)
+        y = y + F.linear(s, lora_B[a]) * scaling
     return y.to(dtype)
 
 
@@ -215,7 +218,8 @@ def _autocast(*tensors):
     """Under torch.autocast, the tensors in the autocast dtype (as F.linear would compute:
     float64 tensors are not cast)."""
     x = tensors[0]
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type) \
+            or not torch.is_autocast_enabled(x.device.type):  # (meta tensors have no autocast)
         return tensors
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
@@ -261,7 +265,9 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_index, scaling, d
     or int64, on x's device; a row whose index is outside [0, n_adapters) gets no LoRA term
     (checked in the kernel, no host sync). The Triton path treats the set as one adapter of
     rank n_adapters * r with the columns of other adapters masked out per row, so its cost grows
-    with n_adapters * r: it suits a handful of adapters.
+    with n_adapters * r: it suits a handful of adapters. Every slot of the set must hold finite
+    values, the unused ones too: a NaN or inf in a slot that no row selects reaches every row
+    through the stacked products (0 * inf; B's in the output, A's in the gradient of x).
     """
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     if not isinstance(lora_A, Tensor) or lora_A.dim() != 3:
