@@ -79,6 +79,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W += scaling * B A; forward is then the base layer alone. The same output as unmerged
+        where the base layer computes x W^T + b; a base layer with a forward of its own or
+        forward hooks (run on x W^T + b, then the update added, unmerged) sees the merged weight
+        instead, as in peft."""
         if not self.merged:
             if "weight" not in self.base_layer._parameters:
                 # pruning's pre-hook or a parametrization rebuilds it at every call: the merged
