@@ -607,8 +607,8 @@ class _Bucket:
         # on load_state_dict), which must regroup, not update the old one
         self._locals = [getattr(p, "_local_tensor", None) for p in self.dparams] \
             if self.has_dtensor else None
-        # the data pointers of the params and states: one that changed is a tensor replaced
-        # under the same object (p.data = ...), checked against the bucket before a step
+        # the data pointers and sizes of the params and states: one that changed is a tensor
+        # replaced under the same object (p.data = ...), which makes the optimizer regroup
         self._fixed = _data_ptrs(self._fixed_lists()) if backend != "torch" else None
 
     def _fixed_lists(self):
@@ -616,24 +616,6 @@ class _Bucket:
             return (self.params,)
         return (self.params, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                 self.masters, self.steps)
-
-    def _fits(self, grads):
-        """Whether the params and states still fit the bucket (dtype, shape, memory layout)."""
-        layout = "contiguous" if self.contiguous else "dense"
-        for k, (p, g) in enumerate(zip(self.params, grads)):
-            moments = [ts[k] for ts in (self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs)
-                       if ts]
-            states = moments + [self.masters[k]] if self.masters else moments
-            step = self.steps[k]
-            if (p.device != self.device or p.dtype != self.param_dtype
-                    or step.dtype != torch.float32 or step.device != p.device
-                    or step.numel() != 1
-                    or any(t.dtype != self.state_dtype for t in moments)
-                    or (self.masters and self.masters[k].dtype != torch.float32)
-                    or any(t.shape != p.shape for t in states)
-                    or _layout(p, [g] + states) != layout):
-                return False
-        return True
 
     def take_grads(self, grads):
         """Take this bucket's grads from the group's list of grads; False when one does not fit
@@ -662,12 +644,8 @@ class _Bucket:
                 if (g.dtype != dtype or g.layout != torch.strided
                         or (fused and not g.is_contiguous())):
                     return False
-        if fused:
-            fixed = _data_ptrs(self._fixed_lists())
-            if fixed != self._fixed:  # e.g. p.data = a tensor of another dtype, size or layout
-                if not self._fits(mine):
-                    return False
-                self._fixed = fixed
+        if fused and _data_ptrs(self._fixed_lists()) != self._fixed:
+            return False  # p.data = ... (another dtype, size or layout?): the grouping judges
         self.grads = mine
         return True
 
@@ -688,7 +666,7 @@ class _Bucket:
             return self._table
         key = (self.group_index, self.device, self.param_dtype, self.grad_dtype, self.state_dtype,
                self.has_master, self.contiguous, self.shard)
-        ptrs = self._fixed + _data_ptrs([self.grads])  # take_grads checked the first part
+        ptrs = self._fixed + _data_ptrs([self.grads])  # take_grads compared the first part
         hit = cache.get(key)
         if hit is not None and hit[0] == self.generation and hit[1] == ptrs:
             self._table_for, self._table = self.grads, hit[2]
