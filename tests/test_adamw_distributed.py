@@ -5,6 +5,7 @@ Partial DTensor grads are reduced before the update; stochastic rounding without
 replicated params alike on both ranks."""
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def _worker(rank, world, port, mode, out_path):
         dist.destroy_process_group()
 
 
+def _exit_cleanly(rank, worker, *args):
+    """Run ``worker(rank, *args)`` in a spawned rank, then leave without the interpreter's
+    finalization: gloo's threads, torn down there, aborted a rank now and then (SIGABRT,
+    "terminate called without an active exception") after its work was done and saved. A
+    worker that raises still fails the test."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +121,7 @@ def _free_port():
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "mixed", "fsdp2-reload"])
 def test_two_ranks_equal_one_process(mode, tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), mode, str(out)), nprocs=2, join=True)
+    mp.spawn(_exit_cleanly, args=(_worker, 2, _free_port(), mode, str(out)), nprocs=2)
     result = torch.load(out)
 
     model = _model()
@@ -158,7 +170,7 @@ def test_a_partial_grad_is_reduced_before_the_update(tmp_path):
     from torch.distributed.tensor import Replicate
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_partial_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_exit_cleanly, args=(_partial_worker, 2, _free_port(), str(out)), nprocs=2)
     result = torch.load(out, weights_only=False)
     full, grads = _partial_data()
     p = torch.nn.Parameter(full.clone())
@@ -211,8 +223,8 @@ def _rounding_worker(rank, world, port, backend, layout, out_path):
 def test_stochastic_rounding_rounds_replicated_params_alike_on_every_rank(backend, layout,
                                                                           tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rounding_worker, args=(2, _free_port(), backend, layout, str(out)), nprocs=2,
-             join=True)
+    mp.spawn(_exit_cleanly, args=(_rounding_worker, 2, _free_port(), backend, layout, str(out)),
+             nprocs=2)
     first, second = torch.load(out)["params"]
     assert torch.equal(first, second)
 
@@ -242,5 +254,5 @@ def _one_rank_steps_worker(rank, world, port, out_path):
 
 def test_a_step_with_stochastic_rounding_is_no_collective(tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_one_rank_steps_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_exit_cleanly, args=(_one_rank_steps_worker, 2, _free_port(), str(out)), nprocs=2)
     assert isinstance(torch.load(out)["seed"], int)
