@@ -15,6 +15,7 @@
 
 // torch/csrc/autograd/python_variable.h reads tensors out of Python objects; torch/extension.h
 // would add all of torch's C++ API to the build.
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -65,17 +67,30 @@ class UnpackedTensors {
     }
   }
   fasttrain::TensorPtrs ptrs() const { return ptrs_; }
-  void bump_versions() const {
-    for (const at::Tensor* t : ptrs_) {
-      torch::autograd::impl::bump_version(*t);
-    }
-  }
 
  private:
   py::object seq_;
   std::vector<py::object> owners_;
   std::vector<const at::Tensor*> ptrs_;
 };
+
+// Bumps the version counter of every tensor of the lists, as torch.autograd.graph.
+// increment_version does (an inference tensor has none: skipped). In parallel: with thousands
+// of tensors the counters, separate allocations and cold after a backward pass, take a good
+// part of the step.
+void bump_versions(std::initializer_list<const UnpackedTensors*> lists) {
+  std::vector<const at::Tensor*> all;
+  for (const UnpackedTensors* list : lists) {
+    all.insert(all.end(), list->ptrs().begin(), list->ptrs().end());
+  }
+  at::parallel_for(0, static_cast<int64_t>(all.size()), 2048, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      if (!all[i]->is_inference()) {
+        torch::autograd::impl::bump_version(*all[i]);
+      }
+    }
+  });
+}
 
 // None or a tensor.
 const at::Tensor* optional_tensor(py::handle obj, const char* what) {
@@ -104,11 +119,10 @@ void adamw_cpu_direct(py::handle params, py::handle grads, py::handle exp_avgs,
   fasttrain::adamw_cpu_refs(p.ptrs(), g.ptrs(), m.ptrs(), v.ptrs(), vmax.ptrs(), master.ptrs(),
                             step.ptrs(), lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
                             maximize, stochastic, seed, inv, found, clip);
-  for (const UnpackedTensors* written : {&p, &m, &v, &vmax, &master, &step}) {
-    written->bump_versions();
-  }
   if (inv != nullptr) {  // the grads were written back unscaled
-    g.bump_versions();
+    bump_versions({&p, &g, &m, &v, &vmax, &master, &step});
+  } else {
+    bump_versions({&p, &m, &v, &vmax, &master, &step});
   }
 }
 

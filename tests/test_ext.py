@@ -462,6 +462,36 @@ def test_adamw_cpu_checks_before_touching_memory(ext):
     op([], [], [], [], [], [], [], *args)  # an empty group is a no-op
 
 
+def test_adamw_cpu_names_the_first_misfit_of_many(ext):
+    # Thousands of tensors are checked by both threads: the error still names the first misfit,
+    # and nothing was updated.
+    n = 3000
+    gen = torch.Generator().manual_seed(2)
+    ps, gs, ms, vs = ([torch.randn(5, generator=gen) for _ in range(n)] for _ in range(4))
+    steps = [torch.zeros(()) for _ in range(n)]
+    gs[2100], gs[1700] = torch.randn(4), torch.randn(6)
+    before = [p.clone() for p in ps]
+    args = (1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, False, 0, None, None, None)
+    for fn in (torch.ops.fasttrain.adamw_cpu_, ext.adamw_cpu_):
+        with pytest.raises(RuntimeError, match=r"grads\[1700\] has 6 elements"):
+            fn(ps, gs, ms, vs, [], [], steps, *args)
+    assert all(s.item() == 0 for s in steps)
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+
+
+def test_direct_binding_updates_inference_tensors(ext):
+    # As torch's optimizers (and torch.autograd.graph.increment_version): tensors made under
+    # inference_mode have no version counter to bump, in inference mode or out of it.
+    with torch.inference_mode():
+        p, g = torch.randn(7), torch.randn(7)
+    for inference in (True, False):
+        m, v, step = torch.zeros(7), torch.zeros(7), torch.zeros(())
+        with torch.inference_mode(inference):
+            ext.adamw_cpu_([p], [g], [m], [v], [], [], [step], 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                           True, False, False, False, 0, None, None, None)
+        assert step.item() == 1 and m._version == 1 and not torch.equal(m, torch.zeros(7))
+
+
 def test_direct_binding_matches_the_op(ext):
     # The module's pybind11 entry points (no dispatcher) run the same kernels as the ops.
     gen = torch.Generator().manual_seed(11)

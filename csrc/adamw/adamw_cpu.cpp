@@ -302,6 +302,59 @@ float optional_scalar(const at::Tensor* t, const char* what, float absent) {
   return *t->data_ptr<float>();
 }
 
+// The checks of the i-th tensor of every list (TORCH_CHECK: throws c10::Error).
+void check_tensor(size_t i, const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                  const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                  const Tensors& masters, const Tensors& steps, bool amsgrad, bool has_master) {
+  const at::Tensor& p = params[i];
+  check_dense_cpu(p, "params", i);
+  const at::ScalarType pt = p.scalar_type();
+  TORCH_CHECK(pt == at::kFloat || pt == at::kBFloat16, "adamw_cpu_: params[", i,
+              "] must be float32 or bfloat16, got ", dtype_name(pt));
+  const int64_t numel = p.numel();
+  check_dense_cpu(grads[i], "grads", i, &p);
+  const at::ScalarType gt = grads[i].scalar_type();
+  TORCH_CHECK(gt == pt || gt == at::kFloat, "adamw_cpu_: grads[", i,
+              "] must have the param's dtype (", dtype_name(pt), ") or float32, got ",
+              dtype_name(gt));
+  TORCH_CHECK(grads[i].numel() == numel, "adamw_cpu_: grads[", i, "] has ", grads[i].numel(),
+              " elements, params[", i, "] has ", numel);
+  check_dense_cpu(exp_avgs[i], "exp_avgs", i, &p);
+  const at::ScalarType st = exp_avgs[i].scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, "adamw_cpu_: exp_avgs[", i,
+              "] must be float32 or bfloat16, got ", dtype_name(st));
+  TORCH_CHECK(exp_avgs[i].numel() == numel, "adamw_cpu_: exp_avgs[", i, "] has ",
+              exp_avgs[i].numel(), " elements, params[", i, "] has ", numel);
+  check_dense_cpu(exp_avg_sqs[i], "exp_avg_sqs", i, &p);
+  TORCH_CHECK(exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: exp_avg_sqs[", i,
+              "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
+              dtype_name(exp_avg_sqs[i].scalar_type()));
+  TORCH_CHECK(exp_avg_sqs[i].numel() == numel, "adamw_cpu_: exp_avg_sqs[", i, "] has ",
+              exp_avg_sqs[i].numel(), " elements, params[", i, "] has ", numel);
+  if (amsgrad) {
+    check_dense_cpu(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, &p);
+    TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: max_exp_avg_sqs[", i,
+                "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
+                dtype_name(max_exp_avg_sqs[i].scalar_type()));
+    TORCH_CHECK(max_exp_avg_sqs[i].numel() == numel, "adamw_cpu_: max_exp_avg_sqs[", i,
+                "] has ", max_exp_avg_sqs[i].numel(), " elements, params[", i, "] has ",
+                numel);
+  }
+  if (has_master) {
+    check_dense_cpu(masters[i], "masters", i, &p);
+    TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "adamw_cpu_: masters[", i,
+                "] must be float32, got ", dtype_name(masters[i].scalar_type()));
+    TORCH_CHECK(masters[i].numel() == numel, "adamw_cpu_: masters[", i, "] has ",
+                masters[i].numel(), " elements, params[", i, "] has ", numel);
+  }
+  const at::Tensor& s = steps[i];
+  TORCH_CHECK(s.defined() && s.device().is_cpu() && s.layout() == at::kStrided,
+              "adamw_cpu_: steps[", i, "] must be a dense CPU tensor");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "adamw_cpu_: steps[", i,
+              "] must be a float32 tensor with one element, got ", dtype_name(s.scalar_type()),
+              " with ", s.numel(), " elements");
+}
+
 constexpr int64_t kChunkElements = 65536;  // unit of work of the update
 constexpr int64_t kSetupGrain = 512;       // tensors per task in the per-tensor set-up
 
@@ -333,55 +386,27 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
   if (has_master) {
     check_list_len(masters, n, "masters (or none)");
   }
-  // Validate everything before touching any memory.
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_dense_cpu(p, "params", i);
-    const at::ScalarType pt = p.scalar_type();
-    TORCH_CHECK(pt == at::kFloat || pt == at::kBFloat16, "adamw_cpu_: params[", i,
-                "] must be float32 or bfloat16, got ", dtype_name(pt));
-    const int64_t numel = p.numel();
-    check_dense_cpu(grads[i], "grads", i, &p);
-    const at::ScalarType gt = grads[i].scalar_type();
-    TORCH_CHECK(gt == pt || gt == at::kFloat, "adamw_cpu_: grads[", i,
-                "] must have the param's dtype (", dtype_name(pt), ") or float32, got ",
-                dtype_name(gt));
-    TORCH_CHECK(grads[i].numel() == numel, "adamw_cpu_: grads[", i, "] has ", grads[i].numel(),
-                " elements, params[", i, "] has ", numel);
-    check_dense_cpu(exp_avgs[i], "exp_avgs", i, &p);
-    const at::ScalarType st = exp_avgs[i].scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, "adamw_cpu_: exp_avgs[", i,
-                "] must be float32 or bfloat16, got ", dtype_name(st));
-    TORCH_CHECK(exp_avgs[i].numel() == numel, "adamw_cpu_: exp_avgs[", i, "] has ",
-                exp_avgs[i].numel(), " elements, params[", i, "] has ", numel);
-    check_dense_cpu(exp_avg_sqs[i], "exp_avg_sqs", i, &p);
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: exp_avg_sqs[", i,
-                "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
-                dtype_name(exp_avg_sqs[i].scalar_type()));
-    TORCH_CHECK(exp_avg_sqs[i].numel() == numel, "adamw_cpu_: exp_avg_sqs[", i, "] has ",
-                exp_avg_sqs[i].numel(), " elements, params[", i, "] has ", numel);
-    if (amsgrad) {
-      check_dense_cpu(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, &p);
-      TORCH_CHECK(max_exp_avg_sqs[i].scalar_type() == st, "adamw_cpu_: max_exp_avg_sqs[", i,
-                  "] must have the dtype of exp_avgs[", i, "] (", dtype_name(st), "), got ",
-                  dtype_name(max_exp_avg_sqs[i].scalar_type()));
-      TORCH_CHECK(max_exp_avg_sqs[i].numel() == numel, "adamw_cpu_: max_exp_avg_sqs[", i,
-                  "] has ", max_exp_avg_sqs[i].numel(), " elements, params[", i, "] has ",
-                  numel);
+  // Validate everything before touching any memory. In parallel: with thousands of small
+  // tensors, reading their metadata (cold after a backward pass) is a good part of the step.
+  // A tensor that does not fit is found again serially, for the error of the first one.
+  std::atomic<bool> misfit{false};
+  const auto check = [&](size_t i) {
+    check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps,
+                 amsgrad, has_master);
+  };
+  at::parallel_for(0, static_cast<int64_t>(n), kSetupGrain, [&](int64_t first, int64_t last) {
+    try {
+      for (int64_t i = first; i < last; ++i) {
+        check(static_cast<size_t>(i));
+      }
+    } catch (const c10::Error&) {
+      misfit.store(true, std::memory_order_relaxed);
     }
-    if (has_master) {
-      check_dense_cpu(masters[i], "masters", i, &p);
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat, "adamw_cpu_: masters[", i,
-                  "] must be float32, got ", dtype_name(masters[i].scalar_type()));
-      TORCH_CHECK(masters[i].numel() == numel, "adamw_cpu_: masters[", i, "] has ",
-                  masters[i].numel(), " elements, params[", i, "] has ", numel);
+  });
+  if (misfit.load()) {
+    for (size_t i = 0; i < n; ++i) {
+      check(i);
     }
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.layout() == at::kStrided,
-                "adamw_cpu_: steps[", i, "] must be a dense CPU tensor");
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "adamw_cpu_: steps[", i,
-                "] must be a float32 tensor with one element, got ", dtype_name(s.scalar_type()),
-                " with ", s.numel(), " elements");
   }
   const float grad_mul_scale = optional_scalar(inv_scale, "inv_scale", 1.0f);
   const float grad_mul_clip = optional_scalar(clip_coef, "clip_coef", 1.0f);
