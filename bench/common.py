@@ -10,6 +10,12 @@ FlashAttention's and Triton's benchmarks time kernels). The host's time to issue
 (Python, checks, launches) is recorded beside it (``host_p50_ms``); the sleep, 1.5x the
 longest of three such times measured first, is longer, so the issue time does not show in the
 device time. The elapsed times are read once at the end.
+
+Before each call, untimed, one 8 KiB allocation settles the C allocator: glibc merges and sorts
+the small blocks freed since its last large request only at the next one, so a call that frees
+~10^5 small tensors (the torch reference path of AdamW over 5000 tensors) left ~6 ms of that
+work to whichever call came next (measured on the CPU suite: the next provider's step took
+twice its time).
 """
 from __future__ import annotations
 
@@ -172,6 +178,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
         torch.cuda.synchronize(device)
     for rep in range(reps):
         for name in random.Random(rep).sample(names, len(names)):
+            _settle_allocator()
             if cuda:
                 torch.cuda.synchronize(device)
                 # the GPU sleeps longer than the host took to issue this call: the start event
@@ -201,6 +208,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
 
 
 _SLEEP_RATE = {}  # device -> torch.cuda._sleep cycles per ms
+
+
+def _settle_allocator() -> None:
+    """Make glibc do now the merging of freed small blocks that it defers to the next request
+    of a large one (8 KiB: above its small bins, below its mmap threshold; with another C
+    allocator, a no-op's cost)."""
+    bytearray(8192)  # allocated and freed at once
 
 
 def _sleep_cycles_per_ms(device: torch.device) -> float:
