@@ -492,6 +492,26 @@ def test_direct_binding_updates_inference_tensors(ext):
         assert step.item() == 1 and m._version == 1 and not torch.equal(m, torch.zeros(7))
 
 
+def test_grads_of_reads_grad_as_python_does(ext):
+    class Marked(torch.Tensor):  # a subclass may define .grad: read through Python
+        @property
+        def grad(self):
+            return "marked"
+
+    with_grad = torch.nn.Parameter(torch.randn(3))
+    with_grad.grad = torch.randn(3)
+    plain = torch.randn(2, requires_grad=True)
+    plain.sum().backward()  # a grad made by autograd, not yet seen from Python
+    params = [with_grad, torch.nn.Parameter(torch.randn(4)), plain,
+              torch.randn(2).as_subclass(Marked)]
+    got = ext.grads_of(params)
+    assert got[0] is with_grad.grad and got[1] is None and got[2] is plain.grad
+    assert got[3] == "marked"
+    assert ext.grads_of(tuple(params[:2]))[0] is with_grad.grad
+    with pytest.raises(TypeError, match="params"):
+        ext.grads_of(3)
+
+
 def test_direct_binding_matches_the_op(ext):
     # The module's pybind11 entry points (no dispatcher) run the same kernels as the ops.
     gen = torch.Generator().manual_seed(11)

@@ -442,7 +442,7 @@ class AdamW(Optimizer):
         out = []
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            grads = [p.grad for p in params]
+            grads = _grads_of(params)
             present = [g is not None for g in grads]
             cached = self._layouts.get(gi)
             if (cached is None or cached[0] is not group or cached[1] != present
@@ -620,8 +620,10 @@ class _Bucket:
     def take_grads(self, grads):
         """Take this bucket's grads from the group's list of grads; False when one does not fit
         the bucket any more (another dtype or layout), which makes the optimizer regroup."""
-        mine = [grads[i] for i in self.indices]
+        # all the group's params (then in order) or some
+        mine = grads if len(self.indices) == len(grads) else [grads[i] for i in self.indices]
         if self.has_dtensor:
+            mine = list(mine)  # written below
             if not all(map(operator.is_, (getattr(p, "_local_tensor", None)
                                           for p in self.dparams), self._locals)):
                 return False
@@ -723,6 +725,13 @@ def _check_capturable(buckets):
                 f"fasttrain AdamW: the lr of group {b.group_index} is a tensor on {lr.device}; "
                 f"a CUDA graph would freeze its value at capture. Put it on {b.device} (the "
                 "params' device) to change it between replays, or pass a number")
+
+
+def _grads_of(params):
+    """[p.grad for p in params]: in C++ when the extension is built (~20 ns a tensor, against
+    ~70 in Python)."""
+    module, _ = _ext.load(build=False)
+    return module.grads_of(params) if module is not None else [p.grad for p in params]
 
 
 def _data_ptrs(lists):
