@@ -634,8 +634,9 @@ class _Bucket:
                     mine[k] = p.grad = g.redistribute(p.device_mesh, p.placements)
             mine = [_local(g) for g in mine]
         dtype, fused = self.grad_dtype, self.backend != "torch"
-        if self.backend == "cpu" and self.contiguous:  # in C++ (~0.2 us less a tensor)
-            if not _ext.load()[0].grads_fit(mine, dtype, True):
+        module, _ = _ext.load(build=False)
+        if module is not None and (self.contiguous or not fused):  # ~0.2 us less a tensor
+            if not module.grads_fit(mine, dtype, fused):
                 return False
         elif fused and not self.contiguous:  # the kernels' flat order: the params' strides
             for g, p in zip(mine, self.params):
