@@ -78,7 +78,7 @@ class UnpackedTensors {
 // increment_version does (an inference tensor has none: skipped). In parallel: with thousands
 // of tensors the counters, separate allocations and cold after a backward pass, take a good
 // part of the step.
-void bump_versions(std::initializer_list<const UnpackedTensors*> lists) {
+void bump_versions(c10::ArrayRef<const UnpackedTensors*> lists) {
   std::vector<const at::Tensor*> all;
   for (const UnpackedTensors* list : lists) {
     all.insert(all.end(), list->ptrs().begin(), list->ptrs().end());
@@ -90,6 +90,21 @@ void bump_versions(std::initializer_list<const UnpackedTensors*> lists) {
       }
     }
   });
+}
+
+// bump_versions of Python lists (the Triton/CUDA step's kernels write through raw pointers).
+void bump_versions_py(py::args lists) {
+  std::vector<UnpackedTensors> unpacked;
+  unpacked.reserve(lists.size());
+  for (py::handle list : lists) {
+    unpacked.emplace_back(list, "tensors");
+  }
+  std::vector<const UnpackedTensors*> ptrs;
+  for (const UnpackedTensors& u : unpacked) {
+    ptrs.push_back(&u);
+  }
+  py::gil_scoped_release no_gil;
+  bump_versions(ptrs);
 }
 
 // None or a tensor.
@@ -255,6 +270,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grads_fit", &grads_fit,
         "Whether every tensor of grads is dense, of dtype, and contiguous if asked.",
         arg("grads"), arg("dtype"), arg("contiguous"));
+  m.def("bump_versions", &bump_versions_py,
+        "torch.autograd.graph.increment_version of every tensor of the given lists, on all "
+        "threads.");
   m.def("grads_of", &grads_of, "[p.grad for p in params], faster.", arg("params"));
   m.def("data_ptrs", &data_ptrs,
         "The data pointers of the tensors of the given lists, as the bytes of a uint64 array.");

@@ -1299,6 +1299,19 @@ def test_step_bumps_version_counters(device, backend):
         before = grad._version
         opt.step()
         assert (grad._version > before) == (scale is not None), scale
+    states = [t for t in opt.state[p].values() if torch.is_tensor(t)]
+    before = [t._version for t in states]
+    opt.step()
+    assert all(t._version > b for t, b in zip(states, before))
+
+
+@pytest.mark.parametrize("device, backend", [c for c in backend_cases()
+                                            if c.values[1] in ("triton", "torch")])
+def test_step_bumps_version_counters_without_the_extension(device, backend, monkeypatch):
+    import fasttrain.optim.adamw as adamw_module
+
+    monkeypatch.setattr(adamw_module._ext, "load", lambda build=True: (None, "test"))
+    test_step_bumps_version_counters(device, backend)
 
 
 def test_automatic_fallback_to_reference_warns(monkeypatch):

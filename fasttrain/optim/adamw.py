@@ -656,9 +656,13 @@ class _Bucket:
         """Bump the autograd version counters of what a kernel wrote through raw pointers (the
         grads too if it wrote them back unscaled), as the dispatcher does for in-place ops (so
         a param saved for backward is caught)."""
-        torch.autograd.graph.increment_version(
-            self.params + self.exp_avgs + self.exp_avg_sqs + self.max_exp_avg_sqs
-            + self.masters + self.steps + (self.grads if grads else []))
+        lists = (self.params, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                 self.masters, self.steps) + ((self.grads,) if grads else ())
+        module, _ = _ext.load(build=False)
+        if module is not None:  # on all threads: ~20 ns a tensor, against ~60
+            module.bump_versions(*lists)
+        else:
+            torch.autograd.graph.increment_version(list(itertools.chain.from_iterable(lists)))
 
     def table(self, cache, chunk):
         """The Triton/CUDA device table, rebuilt when the storage of one of its tensors changed
