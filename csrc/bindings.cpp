@@ -47,7 +47,8 @@ namespace py = pybind11;
 // kept alive (a reference each) until this goes away, so the GIL can be released meanwhile.
 class UnpackedTensors {
  public:
-  UnpackedTensors(py::handle seq, const char* what) {
+  // raw_memory: the tensors are for a kernel (refuse subclasses that live in Python)
+  UnpackedTensors(py::handle seq, const char* what, bool raw_memory = true) {
     PyObject* fast = PySequence_Fast(seq.ptr(), "");
     if (fast == nullptr) {
       PyErr_Clear();
@@ -61,6 +62,15 @@ class UnpackedTensors {
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_Check(items[i])) {
         throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
+      }
+      // A subclass may keep its data and metadata in Python (__torch_dispatch__, e.g. a
+      // wrapper subclass): the kernels, on threads without the GIL, read raw memory.
+      if (raw_memory && !THPVariable_CheckExact(items[i]) &&
+          THPVariable_Unpack(items[i]).key_set().has(c10::DispatchKey::Python)) {
+        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is a " +
+                             Py_TYPE(items[i])->tp_name +
+                             ", a tensor subclass with __torch_dispatch__: pass its plain "
+                             "tensors, or use torch.ops.fasttrain, which dispatches it");
       }
       owners_.push_back(py::reinterpret_borrow<py::object>(items[i]));
       ptrs_.push_back(&THPVariable_Unpack(items[i]));
@@ -149,7 +159,7 @@ bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
     throw py::type_error("dtype must be a torch.dtype");
   }
   const at::ScalarType want = reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
-  const UnpackedTensors g(grads, "grads");
+  const UnpackedTensors g(grads, "grads", /*raw_memory=*/false);
   for (const at::Tensor* t : g.ptrs()) {
     if (t->scalar_type() != want || t->layout() != at::kStrided ||
         (contiguous && !t->is_contiguous())) {
@@ -159,29 +169,31 @@ bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
   return true;
 }
 
-// [p.grad for p in params] (~3x faster): the grad of each Tensor or Parameter read in C++, as
-// Python's .grad does; other types (subclasses, which may define .grad) through Python.
+// [p.grad for p in params] (~3x faster): the grad of each leaf Tensor or Parameter read in
+// C++, as Python's .grad does; the others (subclasses, which may define .grad, and non-leaf
+// tensors, whose .grad warns) through Python. Python code may change the list meanwhile: its
+// items are read one at a time, as a Python loop over it would.
 py::list grads_of(py::handle params) {
   PyObject* fast = PySequence_Fast(params.ptr(), "params must be a list or tuple");
   if (fast == nullptr) {
     throw py::error_already_set();
   }
   const py::object owner = py::reinterpret_steal<py::object>(fast);
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  PyObject** items = PySequence_Fast_ITEMS(fast);
-  py::list out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
+  py::list out;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    const py::object item =
+        py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(fast, i));
     PyObject* grad = nullptr;
-    if (THPVariable_CheckExact(items[i])) {
-      const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
+    if (THPVariable_CheckExact(item.ptr()) && THPVariable_Unpack(item.ptr()).is_leaf()) {
+      const at::Tensor& g = THPVariable_Unpack(item.ptr()).grad();
       grad = g.defined() ? THPVariable_Wrap(g) : Py_NewRef(Py_None);
     } else {
-      grad = PyObject_GetAttrString(items[i], "grad");
+      grad = PyObject_GetAttrString(item.ptr(), "grad");
     }
     if (grad == nullptr) {
       throw py::error_already_set();
     }
-    PyList_SET_ITEM(out.ptr(), i, grad);  // steals the reference
+    out.append(py::reinterpret_steal<py::object>(grad));
   }
   return out;
 }

@@ -169,6 +169,12 @@ def _built() -> bool:
         return False
 
 
+def loaded():
+    """The module if a load() already imported it, else None; never loads anything (for the
+    per-step helpers of paths that work without it, e.g. backend="torch")."""
+    return _module if _loaded else None
+
+
 def load(build: bool = True):
     """``(module, None)`` if the extension is usable, else ``(None, why)``. Cached. With
     ``build=False`` an extension that would first have to be compiled is not: ``(None, why)``

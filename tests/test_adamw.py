@@ -11,7 +11,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.optim import Adam, AdamW
-from helpers import assert_close, rel_max_diff
+from helpers import WrapperTensor, assert_close, rel_max_diff
 from conftest import devices
 
 SHAPES = {"cpu": [(33, 17), (33,), (5, 33), (5,), (1025,)],
@@ -1303,6 +1303,24 @@ def test_step_bumps_version_counters(device, backend):
     before = [t._version for t in states]
     opt.step()
     assert all(t._version > b for t, b in zip(states, before))
+
+
+def test_tensor_subclasses_with_torch_dispatch_take_the_torch_path():
+    # Their memory is not theirs (a wrapper subclass has none): the C++ kernel read a null
+    # pointer (segfault); now the subclass's own ops update it, as torch's optimizers.
+    gen = torch.Generator().manual_seed(4)
+    base, grad = torch.randn(2, 9, generator=gen), torch.randn(2, 9, generator=gen)
+    p = torch.nn.Parameter(WrapperTensor(base.clone()))
+    p.grad = WrapperTensor(grad.clone())
+    ref = torch.nn.Parameter(base.clone())
+    ref.grad = grad.clone()
+    opt, ref_opt = AdamW([p], lr=1e-2), torch.optim.AdamW([ref], lr=1e-2)
+    for _ in range(3):
+        opt.step()
+        ref_opt.step()
+    assert type(p) is WrapperTensor and rel_max_diff(p.elem, ref.detach()) <= 1e-6
+    with pytest.raises(RuntimeError, match="__torch_dispatch__"):
+        AdamW([p], backend="cpu").step()
 
 
 @pytest.mark.parametrize("device, backend", [c for c in backend_cases()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fasttrain import _ext, _ext_sources
-from helpers import assert_close
+from helpers import WrapperTensor, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (1, 17, 1025, 100003)
@@ -510,6 +510,48 @@ def test_grads_of_reads_grad_as_python_does(ext):
     assert ext.grads_of(tuple(params[:2]))[0] is with_grad.grad
     with pytest.raises(TypeError, match="params"):
         ext.grads_of(3)
+
+    class Shrinking(torch.Tensor):  # a .grad that empties the list being read
+        @property
+        def grad(self):
+            params.clear()
+            params.extend([object()] * 3)
+            return None
+
+    params = [torch.randn(2).as_subclass(Shrinking), with_grad, with_grad]
+    with pytest.raises(AttributeError, match="grad"):  # as a Python loop over the list
+        ext.grads_of(params)
+
+    nonleaf = with_grad * 2
+    with pytest.warns(UserWarning, match="not a leaf"):  # Python's warning, as .grad's
+        assert ext.grads_of([nonleaf]) == [None]
+
+
+def test_the_optimizer_reads_grads_through_an_active_torch_function_mode():
+    from torch.overrides import TorchFunctionMode
+
+    from fasttrain.optim import adamw
+
+    class Intercept(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func == torch.Tensor.grad.__get__:
+                return "intercepted"
+            return func(*args, **(kwargs or {}))
+
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    assert adamw._grads_of([p])[0] is p.grad
+    with Intercept():
+        assert adamw._grads_of([p]) == ["intercepted"]
+
+
+def test_direct_binding_refuses_subclasses_that_live_in_python(ext):
+    ps, gs, ms, vs = ([torch.randn(4)] for _ in range(4))
+    gs = [WrapperTensor(torch.randn(4))]
+    with pytest.raises(TypeError, match=r"grads\[0\] is a WrapperTensor"):
+        ext.adamw_cpu_(ps, gs, ms, vs, [], [], [torch.zeros(())], 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                       True, False, False, False, 0, None, None, None)
+    assert ext.grads_fit(gs, torch.float32, True)  # a check that only reads metadata
 
 
 def test_direct_binding_matches_the_op(ext):

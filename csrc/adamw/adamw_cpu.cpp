@@ -388,7 +388,8 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
   }
   // Validate everything before touching any memory. In parallel: with thousands of small
   // tensors, reading their metadata (cold after a backward pass) is a good part of the step.
-  // A tensor that does not fit is found again serially, for the error of the first one.
+  // A tensor that does not fit is found again serially, for the error of the first one (and
+  // any exception on the calling thread).
   std::atomic<bool> misfit{false};
   const auto check = [&](size_t i) {
     check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps,
@@ -399,7 +400,7 @@ void adamw_cpu_refs(TensorPtrs params_, TensorPtrs grads_, TensorPtrs exp_avgs_,
       for (int64_t i = first; i < last; ++i) {
         check(static_cast<size_t>(i));
       }
-    } catch (const c10::Error&) {
+    } catch (...) {  // found again, and thrown, on this thread
       misfit.store(true, std::memory_order_relaxed);
     }
   });

@@ -503,7 +503,8 @@ class AdamW(Optimizer):
             if not flat_ok and self.backend != "torch":
                 raise RuntimeError(f"fasttrain AdamW: backend {self.backend!r} needs params in "
                                    "one memory format (contiguous, channels_last) with grads and "
-                                   "states of the same strides; use backend='torch' for others")
+                                   "states of the same strides, and not tensor subclasses with "
+                                   "__torch_dispatch__; use backend='torch' for others")
             if self.backend == "cuda" and stochastic:
                 raise RuntimeError("fasttrain AdamW: the cuda backend has no stochastic "
                                    "rounding; use backend='triton'")
@@ -634,7 +635,7 @@ class _Bucket:
                     mine[k] = p.grad = g.redistribute(p.device_mesh, p.placements)
             mine = [_local(g) for g in mine]
         dtype, fused = self.grad_dtype, self.backend != "torch"
-        module, _ = _ext.load(build=False)
+        module = _ext.loaded()
         if module is not None and (self.contiguous or not fused):  # ~0.2 us less a tensor
             if not module.grads_fit(mine, dtype, fused):
                 return False
@@ -658,7 +659,7 @@ class _Bucket:
         a param saved for backward is caught)."""
         lists = (self.params, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                  self.masters, self.steps) + ((self.grads,) if grads else ())
-        module, _ = _ext.load(build=False)
+        module = _ext.loaded()
         if module is not None:  # on all threads: ~20 ns a tensor, against ~60
             module.bump_versions(*lists)
         else:
@@ -698,6 +699,8 @@ def _layout(p, others):
     """"contiguous" if p and ``others`` (its grad and states) are; "dense" if p is in another
     memory format (channels_last, channels_last_3d) and the others have its strides, so that
     the kernels can update them all as flat arrays; else None (the torch path)."""
+    if any(_in_python(t) for t in [p, *others]):
+        return None  # a subclass whose data or metadata live in Python: only its own ops
     if p.is_contiguous() and all(t.is_contiguous() for t in others):
         return "contiguous"
     dense = ((p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
@@ -705,6 +708,14 @@ def _layout(p, others):
     if dense and all(t.stride() == p.stride() for t in others):
         return "dense"
     return None
+
+
+def _in_python(t):
+    """Whether t is a tensor subclass with __torch_dispatch__ (a wrapper subclass, say)."""
+    return type(t) not in _PLAIN and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _capturing(device):
@@ -733,10 +744,12 @@ def _check_capturable(buckets):
 
 
 def _grads_of(params):
-    """[p.grad for p in params]: in C++ when the extension is built (~20 ns a tensor, against
-    ~70 in Python)."""
-    module, _ = _ext.load(build=False)
-    return module.grads_of(params) if module is not None else [p.grad for p in params]
+    """[p.grad for p in params]: in C++ when the extension is loaded (~20 ns a tensor, against
+    ~70 in Python), unless a TorchFunctionMode, which Python's .grad calls, is active."""
+    module = _ext.loaded()
+    if module is None or torch._C._is_torch_function_mode_enabled():
+        return [p.grad for p in params]
+    return module.grads_of(params)
 
 
 def _data_ptrs(lists):
