@@ -151,10 +151,11 @@ void adamw_cpu_direct(py::handle params, py::handle grads, py::handle exp_avgs,
   }
 }
 
-// Whether every item of `grads` (a list or tuple) is a dense tensor of `dtype`, contiguous
-// when `contiguous`: the optimizer's per-step check that a bucket's grads still fit it, done
-// here because reading three attributes of a tensor costs ~0.2 us in Python.
-bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
+// Whether every item of `grads` (a list or tuple) is a dense tensor of `dtype`, and, for a
+// kernel, contiguous and not a subclass that lives in Python: the optimizer's per-step check
+// that a bucket's grads still fit it, done here because reading three attributes of a tensor
+// costs ~0.2 us in Python.
+bool grads_fit(py::handle grads, py::handle dtype, bool kernel) {
   if (!THPDtype_Check(dtype.ptr())) {
     throw py::type_error("dtype must be a torch.dtype");
   }
@@ -162,7 +163,7 @@ bool grads_fit(py::handle grads, py::handle dtype, bool contiguous) {
   const UnpackedTensors g(grads, "grads", /*raw_memory=*/false);
   for (const at::Tensor* t : g.ptrs()) {
     if (t->scalar_type() != want || t->layout() != at::kStrided ||
-        (contiguous && !t->is_contiguous())) {
+        (kernel && (t->key_set().has(c10::DispatchKey::Python) || !t->is_contiguous()))) {
       return false;
     }
   }
@@ -280,8 +281,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sum_sq_cpu", &sum_sq_cpu_direct, "torch.ops.fasttrain.sum_sq_cpu without the dispatcher.",
         arg("tensors"));
   m.def("grads_fit", &grads_fit,
-        "Whether every tensor of grads is dense, of dtype, and contiguous if asked.",
-        arg("grads"), arg("dtype"), arg("contiguous"));
+        "Whether every tensor of grads is dense, of dtype, and fit for a kernel if asked.",
+        arg("grads"), arg("dtype"), arg("kernel"));
   m.def("bump_versions", &bump_versions_py,
         "torch.autograd.graph.increment_version of every tensor of the given lists, on all "
         "threads.");

@@ -1323,6 +1323,30 @@ def test_tensor_subclasses_with_torch_dispatch_take_the_torch_path():
         AdamW([p], backend="cpu").step()
 
 
+@pytest.mark.parametrize("checks_in_cpp", [True, False])
+def test_a_grad_that_becomes_a_subclass_regroups(checks_in_cpp, monkeypatch):
+    # grouped for the cpu kernel with a plain grad; a wrapper-subclass grad at the next step
+    # regroups to the torch path (the kernel would read its null data pointer); the per-step
+    # checks in C++ (grads_fit) and in Python (without the extension loaded) alike
+    import fasttrain.optim.adamw as adamw_module
+
+    if not checks_in_cpp:
+        monkeypatch.setattr(adamw_module._ext, "loaded", lambda: None)
+    gen = torch.Generator().manual_seed(5)
+    base, g1, g2 = (torch.randn(2, 9, generator=gen) for _ in range(3))
+    p, ref = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    opt, ref_opt = AdamW([p], lr=1e-2), torch.optim.AdamW([ref], lr=1e-2)
+    p.grad, ref.grad = g1.clone(), g1.clone()
+    opt.step()
+    ref_opt.step()
+    assert [b.backend for b in opt._buckets()] == ["cpu"]
+    p.grad, ref.grad = WrapperTensor(g2.clone()), g2.clone()
+    opt.step()
+    ref_opt.step()
+    assert [b.backend for b in opt._buckets()] == ["torch"]
+    assert rel_max_diff(p.detach(), ref.detach()) <= 1e-6
+
+
 @pytest.mark.parametrize("device, backend", [c for c in backend_cases()
                                             if c.values[1] in ("triton", "torch")])
 def test_step_bumps_version_counters_without_the_extension(device, backend, monkeypatch):

@@ -641,12 +641,13 @@ class _Bucket:
                 return False
         elif fused and not self.contiguous:  # the kernels' flat order: the params' strides
             for g, p in zip(mine, self.params):
-                if g.dtype != dtype or g.layout != torch.strided or g.stride() != p.stride():
+                if (g.dtype != dtype or g.layout != torch.strided or g.stride() != p.stride()
+                        or _in_python(g)):
                     return False
         else:
             for g in mine:
                 if (g.dtype != dtype or g.layout != torch.strided
-                        or (fused and not g.is_contiguous())):
+                        or (fused and (not g.is_contiguous() or _in_python(g)))):
                     return False
         if fused and _data_ptrs(self._fixed_lists()) != self._fixed:
             return False  # p.data = ... (another dtype, size or layout?): the grouping judges
