@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fasttrain.ops.lora import DTYPES, lora_linear
+from fasttrain.ops.lora import DTYPES, autocast_dtype, lora_linear
 
 _MARK = "_fasttrain_lora"
 
@@ -117,12 +117,12 @@ def _dtype_ok(x, weight, lora_a, lora_b) -> bool:
     """x's dtype is the base weight's, or autocast casts both to one (as lora_linear does); and
     the adapters are fp32 or in that dtype (peft casts x to half adapters' dtype: over fp32 x
     they would be computed in fp32 here, and their gradients differ by a rounding)."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) \
-        and torch.get_autocast_dtype(device) in DTYPES
+    autocast = autocast_dtype(x.device.type)
+    if autocast not in DTYPES:
+        autocast = None
     if x.dtype != weight.dtype and not (x.dtype in DTYPES and autocast):
         return False
-    compute = torch.get_autocast_dtype(device) if autocast else x.dtype
+    compute = autocast or x.dtype
     return {lora_a.dtype, lora_b.dtype} <= {torch.float32, compute}
 
 

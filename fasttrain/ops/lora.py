@@ -214,14 +214,22 @@ def _seed(dropout_p, device):
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def autocast_dtype(device_type: str):
+    """The dtype torch.autocast computes in on ``device_type``, or None when it is off there
+    (or the device has no autocast, as meta)."""
+    if not torch.amp.is_autocast_available(device_type) \
+            or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _autocast(*tensors):
     """Under torch.autocast, the tensors in the autocast dtype (as F.linear would compute:
     float64 tensors are not cast)."""
     x = tensors[0]
-    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type) \
-            or not torch.is_autocast_enabled(x.device.type):  # (meta tensors have no autocast)
+    dtype = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
 
