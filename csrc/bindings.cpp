@@ -43,6 +43,10 @@ at::Tensor sum_sq_cpu_refs(TensorPtrs tensors);
 namespace {
 namespace py = pybind11;
 
+// A tensor subclass that keeps its data or metadata in Python (__torch_dispatch__, e.g. a
+// wrapper subclass): no memory a kernel may read.
+bool lives_in_python(const at::Tensor& t) { return t.key_set().has(c10::DispatchKey::Python); }
+
 // The tensors of a Python list or tuple, as pointers into the Python objects. The objects are
 // kept alive (a reference each) until this goes away, so the GIL can be released meanwhile.
 class UnpackedTensors {
@@ -63,10 +67,9 @@ class UnpackedTensors {
       if (!THPVariable_Check(items[i])) {
         throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a tensor");
       }
-      // A subclass may keep its data and metadata in Python (__torch_dispatch__, e.g. a
-      // wrapper subclass): the kernels, on threads without the GIL, read raw memory.
+      // (exact tensors are plain: their Python object alone tells)
       if (raw_memory && !THPVariable_CheckExact(items[i]) &&
-          THPVariable_Unpack(items[i]).key_set().has(c10::DispatchKey::Python)) {
+          lives_in_python(THPVariable_Unpack(items[i]))) {
         throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is a " +
                              Py_TYPE(items[i])->tp_name +
                              ", a tensor subclass with __torch_dispatch__: pass its plain "
@@ -163,7 +166,7 @@ bool grads_fit(py::handle grads, py::handle dtype, bool kernel) {
   const UnpackedTensors g(grads, "grads", /*raw_memory=*/false);
   for (const at::Tensor* t : g.ptrs()) {
     if (t->scalar_type() != want || t->layout() != at::kStrided ||
-        (kernel && (t->key_set().has(c10::DispatchKey::Python) || !t->is_contiguous()))) {
+        (kernel && (lives_in_python(*t) || !t->is_contiguous()))) {
       return false;
     }
   }
